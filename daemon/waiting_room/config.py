@@ -1,0 +1,293 @@
+"""YAML configuration, validated into frozen structs with one-line errors naming the key.
+
+msgspec does the structural work (types, unknown keys, missing keys) and reports a JSON
+path; ``load_config`` turns that into ``config.yaml: upstream.backoff.max: expected a number
+> 0, got "ten"``, the line an operator can act on without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+import yaml
+
+from .protocol import ROOM_ID_PATTERN
+
+_DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNITS: Final = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_TOPIC_BAD: Final = re.compile(r"[+#\x00]")
+_CLOSE_ACTIONS: Final = ("backoff", "prompt", "at_least_max", "refresh_token", "auth_failed")
+
+
+class ConfigError(Exception):
+    """A configuration problem, as the one line an operator sees (exit status 2)."""
+
+
+class Seconds(float):
+    """A duration > 0: a number of seconds, or a string such as "500ms", "10s", "2m"."""
+
+
+def parse_duration(value: object) -> Seconds:
+    if isinstance(value, bool):
+        raise ValueError("expected a number > 0")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError('expected a number > 0 (seconds, or a string like "10s" or "500ms")')
+    if not 0 < seconds < 10**7:
+        raise ValueError("expected a number > 0")
+    return Seconds(seconds)
+
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Seconds:
+        return parse_duration(value)
+    raise NotImplementedError
+
+
+def _check_topic(name: str, value: str) -> None:
+    if not value or _TOPIC_BAD.search(value) or value.startswith("/") or value.endswith("/"):
+        raise ValueError(f"{name}: expected an MQTT topic without +, #, NUL or a leading or trailing /")
+
+
+class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class BackoffConfig(_Strict):
+    initial: Seconds = Seconds(1.0)
+    max: Seconds = Seconds(10.0)
+
+    def __post_init__(self) -> None:
+        if self.max < self.initial:
+            raise ValueError("max: expected a number >= initial")
+
+
+TokenIn = Literal["header", "query"]
+CloseAction = Literal["backoff", "prompt", "at_least_max", "refresh_token", "auth_failed"]
+
+
+class UpstreamConfig(_Strict):
+    url: str
+    token: str | None = None
+    token_file: str | None = None
+    token_command: str | list[str] | None = None
+    token_credential: str | None = None
+    token_in: TokenIn = "header"
+    backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
+    # None: twice the server's hello heartbeat plus 5 s (PROTOCOL.md).
+    heartbeat_timeout: Seconds | None = None
+    # A connection must be joined and receiving this long before the backoff resets.
+    stable_after: Seconds = Seconds(10.0)
+    connect_timeout: Seconds = Seconds(10.0)
+    # A room the server refused is asked for again this often.
+    room_retry: Seconds = Seconds(60.0)
+    # How often the token file is checked for a rotation; a JWT is renewed this long before exp.
+    token_check: Seconds = Seconds(5.0)
+    token_renew_before: Seconds = Seconds(60.0)
+    # Operators' overrides of PROTOCOL.md's close-code table, e.g. {4401: refresh_token}.
+    close_codes: dict[int, CloseAction] = {}
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^wss?://[^/?#\s]+", self.url):
+            raise ValueError("url: expected a ws:// or wss:// URL")
+        sources = [k for k in ("token", "token_file", "token_command", "token_credential")
+                   if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                "expected exactly one of token, token_file, token_command, token_credential"
+                + (f" (found {', '.join(sources)})" if sources else "")
+            )
+        if isinstance(self.token_command, str) and not shlex.split(self.token_command):
+            raise ValueError("token_command: expected a command")
+        if isinstance(self.token_command, list) and not self.token_command:
+            raise ValueError("token_command: expected a command")
+        for code in self.close_codes:
+            if not 1000 <= code <= 4999:
+                raise ValueError(f"close_codes: {code}: expected a close code 1000..4999")
+
+    @property
+    def token_argv(self) -> list[str] | None:
+        if self.token_command is None:
+            return None
+        if isinstance(self.token_command, str):
+            return shlex.split(self.token_command)
+        return list(self.token_command)
+
+
+class RoomConfig(_Strict):
+    id: Annotated[str, msgspec.Meta(pattern=ROOM_ID_PATTERN)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    # Display overrides: this room's language and the label above its number.
+    locale: str | None = None
+    label: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+    @property
+    def title(self) -> str:
+        return self.name or self.id
+
+
+def _default_client_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
+    return f"waiting-room-{host}"
+
+
+class MqttConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
+    base_topic: str = "waiting-room"
+    discovery_prefix: str | bool = "homeassistant"
+    username: str | None = None
+    password_file: str | None = None
+    password_credential: str | None = None
+    ca_file: str | None = None
+    client_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    keepalive: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
+    backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
+
+    def __post_init__(self) -> None:
+        _check_topic("base_topic", self.base_topic)
+        if self.discovery_prefix is True:
+            raise ValueError("discovery_prefix: expected a topic prefix, or false")
+        if isinstance(self.discovery_prefix, str):
+            _check_topic("discovery_prefix", self.discovery_prefix)
+        if (self.password_file or self.password_credential) and not self.username:
+            raise ValueError("username: required with password_file or password_credential")
+        if self.password_file and self.password_credential:
+            raise ValueError("expected one of password_file, password_credential")
+
+    @property
+    def discovery(self) -> str | None:
+        return self.discovery_prefix if isinstance(self.discovery_prefix, str) else None
+
+    @property
+    def identifier(self) -> str:
+        return self.client_id or _default_client_id()
+
+
+class Config(_Strict):
+    upstream: UpstreamConfig
+    rooms: Annotated[list[RoomConfig], msgspec.Meta(min_length=1, max_length=100_000)]
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for i, room in enumerate(self.rooms):
+            if room.id in seen:
+                raise ValueError(f"rooms[{i}].id: duplicate room id")
+            seen.add(room.id)
+
+    @property
+    def room_ids(self) -> tuple[str, ...]:
+        return tuple(r.id for r in self.rooms)
+
+
+_TYPE_WORDS: Final = {
+    "float": "a number",
+    "int": "an integer",
+    "str": "a string",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "nothing",
+}
+
+
+_CHOICES: Final = {
+    "token_in": "header or query",
+    "log_level": "debug, info, warning or error",
+    "close_codes": "one of " + ", ".join(_CLOSE_ACTIONS),
+}
+
+
+def _words(msg: str) -> str:
+    return re.sub(r"`(\w+)`", lambda m: _TYPE_WORDS.get(m.group(1), m.group(1)), msg)
+
+
+def _lookup(data: Any, path: list[str | int]) -> tuple[bool, Any]:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, data
+
+
+def _parse_path(raw: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]", raw):
+        parts.append(name if name else int(index) if index.isdigit() else "...")
+    return parts
+
+
+def _dotted(parts: list[str | int]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) or p == "..." else (f".{p}" if out else p)
+    return out
+
+
+def _describe(exc: msgspec.ValidationError, data: Any) -> str:
+    """msgspec's "Expected `float`, got `str` - at `$.a.b`" -> "a.b: expected a number, got "x"."""
+    text = str(exc)
+    message, _, where = text.partition(" - at `")
+    path = _parse_path(where.rstrip("`")) if where else []
+    if m := re.match(r"Object contains unknown field `(.+)`", message):
+        return f"{_dotted([*path, m.group(1)])}: unknown key"
+    if m := re.match(r"Object missing required field `(.+)`", message):
+        return f"{_dotted([*path, m.group(1)])}: required key is missing"
+    # Our own checks may name a sub-key first ("max: expected ...").
+    if m := re.match(r"^([A-Za-z_\[\]0-9.]+): (.*)$", message):
+        path = [*path, *_parse_path("." + m.group(1))]
+        message = m.group(2)
+    if message.startswith("Invalid enum value"):
+        key = next((p for p in reversed(path) if isinstance(p, str) and p != "..."), "")
+        message = f"expected {_CHOICES.get(key, 'one of the documented values')}"
+    message = _words(message)
+    message = message[0].lower() + message[1:] if message else "invalid value"
+    message = re.sub(r", got (a|an|true|nothing) \S.*$", "", message)
+    found, value = _lookup(data, path)
+    if found and not isinstance(value, (dict, list)):
+        shown = json.dumps(value, ensure_ascii=False, default=str)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        message += f", got {shown}"
+    return f"{_dotted(path) or '(top level)'}: {message}"
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; expected upstream, rooms and mqtt")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return msgspec.convert(data, Config, dec_hook=_dec_hook, str_keys=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc, data)}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    name = os.fspath(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{name}: cannot read: {reason}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{name}: {where}invalid YAML: {problem}") from None
+    return parse_config(data, name)

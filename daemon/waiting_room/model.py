@@ -1,0 +1,47 @@
+"""The frozen values every part of the daemon shares: a room's state and the link's health."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class LinkStatus(str, enum.Enum):
+    """The upstream socket as the rest of the world should see it."""
+
+    CONNECTING = "connecting"  # never connected yet since start
+    CONNECTED = "connected"  # joined and receiving
+    DISCONNECTED = "disconnected"  # lost; reconnecting with backoff
+    AUTH_FAILED = "auth_failed"  # token refused for good (4003 / 403): needs a human
+
+
+@dataclass(frozen=True, slots=True)
+class RoomState:
+    """The latest known state of one room.
+
+    ``stale`` is true until fresh data arrives and again as soon as the upstream is lost: a
+    consumer must never present a stale number as live. Times are Unix seconds.
+    """
+
+    room: str
+    name: str
+    patients: int | None = None
+    now_serving: str | None = None
+    updated_at: float | None = None  # when the count changed (the server's ts when given)
+    received_at: float | None = None  # when this daemon last heard about the room
+    seq: int | None = None
+    stale: bool = True
+    error: str | None = None  # e.g. "unknown_room", "forbidden" when the server refused it
+
+
+@dataclass(frozen=True, slots=True)
+class LinkState:
+    """Health of the upstream connection, plus counters a status surface can show."""
+
+    status: LinkStatus = LinkStatus.CONNECTING
+    detail: str = ""  # short and human: "closed 1011", "handshake refused: HTTP 503"
+    since: float = 0.0  # Unix seconds of the last status change
+    retry_in: float | None = None  # seconds until the next attempt, while disconnected
+    connects: int = 0  # successful connections since start
+    dropped_frames: int = 0  # frames dropped as bad input (PROTOCOL.md "Bad input")
+    last_frame_at: float | None = None

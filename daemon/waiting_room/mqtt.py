@@ -1,0 +1,220 @@
+"""MQTT: every room's retained state, the daemon's availability, Home Assistant discovery.
+
+Each broker connection subscribes to the store afresh, so the store's replay republishes
+every retained topic after a reconnect (a restarted broker may have lost them): the current
+state, never a backlog. The last will makes a killed daemon show ``offline``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from datetime import datetime, timezone
+from typing import Final
+
+import aiomqtt
+import msgspec
+
+from .config import MqttConfig
+from .credentials import SecretError, credential_path, read_secret_file
+from .discovery import Discovery
+from .model import LinkStatus, RoomState
+from .policy import Action, ReconnectSchedule
+from .store import RoomStore
+
+log = logging.getLogger(__name__)
+
+HA_STATUS_TOPIC: Final = "homeassistant/status"
+STOP_PUBLISH_TIMEOUT: Final = 1.0
+# Connected this long counts as healthy: the next loss starts the backoff from the beginning.
+STABLE_AFTER: Final = 10.0
+
+_encode = msgspec.json.Encoder().encode
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    moment = datetime.fromtimestamp(ts, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def state_payload(state: RoomState) -> bytes:
+    return _encode(
+        {
+            "patients": state.patients,
+            "now_serving": state.now_serving,
+            "updated_at": rfc3339(state.updated_at),
+            "stale": state.stale,
+            "error": state.error,
+        }
+    )
+
+
+def upstream_payload(status: LinkStatus) -> str:
+    # "connecting" (never connected since start) is, for a subscriber, simply not connected.
+    return "disconnected" if status is LinkStatus.CONNECTING else status.value
+
+
+class MqttPublisher:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        store: RoomStore,
+        *,
+        rng: random.Random | None = None,
+        announce_delay: float = 5.0,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self._rng = rng or random.Random()
+        self._announce_delay = announce_delay
+        self.base = cfg.base_topic
+        self.discovery = (
+            Discovery.for_client(cfg.discovery, cfg.base_topic, cfg.identifier) if cfg.discovery else None
+        )
+
+    @property
+    def status_topic(self) -> str:
+        return f"{self.base}/status"
+
+    def _password(self) -> str | None:
+        if self.cfg.password_file:
+            return read_secret_file(self.cfg.password_file, "password_file")
+        if self.cfg.password_credential:
+            return read_secret_file(credential_path(self.cfg.password_credential), "MQTT password credential")
+        return None
+
+    def _client(self, password: str | None) -> aiomqtt.Client:
+        tls = aiomqtt.TLSParameters(ca_certs=self.cfg.ca_file) if self.cfg.ca_file else None
+        return aiomqtt.Client(
+            self.cfg.host,
+            self.cfg.port,
+            username=self.cfg.username,
+            password=password,
+            identifier=self.cfg.identifier,
+            keepalive=self.cfg.keepalive,
+            will=aiomqtt.Will(self.status_topic, "offline", qos=1, retain=True),
+            tls_params=tls,
+            timeout=10,
+            # A fresh connection without it stalls ~40 ms on delayed ACKs for small packets.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+            logger=logging.getLogger("waiting_room.mqtt.client"),
+        )
+
+    async def run(self) -> None:
+        schedule = ReconnectSchedule(float(self.cfg.backoff.initial), float(self.cfg.backoff.max))
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        while True:
+            connected_at: float | None = None
+            try:
+                password = await asyncio.to_thread(self._password)
+                async with self._client(password) as client:
+                    connected_at = time.monotonic()
+                    log.info("mqtt connected to %s as %s", where, self.cfg.identifier)
+                    self.store.set_component("mqtt", "connected")
+                    await self._connected(client)
+            except aiomqtt.MqttError as exc:
+                problem = str(exc) or type(exc).__name__
+            except SecretError as exc:
+                problem = str(exc)
+            healthy = connected_at is not None and time.monotonic() - connected_at >= STABLE_AFTER
+            delay = schedule.next(Action.BACKOFF, healthy=healthy).delay
+            self.store.set_component("mqtt", "disconnected")
+            log.warning("mqtt %s: %s; retrying in %.1f s", where, problem, delay)
+            await asyncio.sleep(delay)
+
+    async def _connected(self, client: aiomqtt.Client) -> None:
+        try:
+            await client.publish(self.status_topic, "online", qos=1, retain=True)
+            announce = asyncio.Event()
+            if self.discovery is not None:
+                await client.subscribe(HA_STATUS_TOPIC)
+                await client.subscribe(self.discovery.subscription)
+                announce.set()
+            await self._serve(client, announce)
+        except asyncio.CancelledError:
+            # A clean stop: say so, rather than leave the will to a broker that will not fire it.
+            try:
+                async with asyncio.timeout(STOP_PUBLISH_TIMEOUT):
+                    await client.publish(self.status_topic, "offline", qos=1, retain=True)
+            except (aiomqtt.MqttError, TimeoutError):
+                pass
+            raise
+
+    async def _serve(self, client: aiomqtt.Client, announce: asyncio.Event) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._publish_states(client))
+                if self.discovery is not None:
+                    tg.create_task(self._announcer(client, announce))
+                    tg.create_task(self._incoming(client, announce))
+        except ExceptionGroup as group:
+            # A lost broker surfaces in whichever task noticed it first: report it plainly.
+            lost = group.subgroup(aiomqtt.MqttError)
+            if lost is None:
+                raise
+            first: BaseException = lost
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+
+    async def _publish_states(self, client: aiomqtt.Client) -> None:
+        base = self.base
+        published: dict[str, int | None] = {}
+        upstream: str | None = None
+        with self.store.subscribe() as changes:
+            async for batch in changes:
+                if batch.link is not None:
+                    payload = upstream_payload(batch.link.status)
+                    if payload != upstream:
+                        await client.publish(f"{base}/upstream", payload, qos=1, retain=True)
+                        upstream = payload
+                for room, state in batch.rooms.items():
+                    if state is None:
+                        await self._forget(client, room)
+                        published.pop(room, None)
+                        continue
+                    if state.patients is not None and published.get(room) != state.patients:
+                        await client.publish(f"{base}/{room}/patients", str(state.patients), retain=True)
+                        published[room] = state.patients
+                    await client.publish(f"{base}/{room}/state", state_payload(state), retain=True)
+
+    async def _forget(self, client: aiomqtt.Client, room: str) -> None:
+        """A room taken out of the config: clear its retained topics and its discovery entry."""
+        await client.publish(f"{self.base}/{room}/patients", b"", retain=True)
+        await client.publish(f"{self.base}/{room}/state", b"", retain=True)
+        if self.discovery is not None:
+            await client.publish(self.discovery.room_topic(room), b"", qos=1, retain=True)
+
+    async def _announcer(self, client: aiomqtt.Client, announce: asyncio.Event) -> None:
+        assert self.discovery is not None
+        first = True
+        while True:
+            await announce.wait()
+            announce.clear()
+            if not first:
+                # Many daemons hear Home Assistant come back at once: do not all answer at once.
+                await asyncio.sleep(self._rng.uniform(0, self._announce_delay))
+            first = False
+            rooms = [(r.room, r.name) for r in self.store.rooms.values()]
+            for message in self.discovery.messages(rooms):
+                await client.publish(message.topic, message.payload, qos=1, retain=True)
+
+    async def _incoming(self, client: aiomqtt.Client, announce: asyncio.Event) -> None:
+        assert self.discovery is not None
+        async for message in client.messages:
+            topic = message.topic.value
+            if topic == HA_STATUS_TOPIC:
+                if message.payload in (b"online", "online"):
+                    log.info("Home Assistant is online: announcing the rooms again")
+                    announce.set()
+                continue
+            if message.payload and self.discovery.is_stale_entry(
+                topic, {self.discovery.room_topic(r) for r in self.store.rooms}
+            ):
+                log.info("removing the discovery entry %s of a room no longer configured", topic)
+                await client.publish(topic, b"", qos=1, retain=True)

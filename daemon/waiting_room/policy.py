@@ -1,0 +1,146 @@
+"""When and how fast to reconnect: close codes, handshake statuses and the backoff schedule.
+
+Pure data and arithmetic, no I/O and no clock: the upstream client asks this module how long
+to wait and then does the sleeping. PROTOCOL.md's close-code table lives here as data so that
+an operator can override one entry in config (``upstream.close_codes``).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Final, Iterator, Mapping
+
+import backoff
+
+
+class Action(enum.Enum):
+    """What a client does after a connection ends or a handshake is refused."""
+
+    BACKOFF = "backoff"  # reconnect with exponential backoff and full jitter
+    PROMPT = "prompt"  # reconnect after a short random delay, without growing the backoff
+    AT_LEAST_MAX = "at_least_max"  # the server is overloaded: wait at least the maximum
+    REFRESH_TOKEN = "refresh_token"  # read the token afresh; back off if it did not change
+    AUTH_FAILED = "auth_failed"  # token refused for good: retry at the maximum, loudly
+
+
+# PROTOCOL.md, "Close codes". 1006 (dropped without a close frame) is treated like 1011.
+CLOSE_CODES: Final[Mapping[int, Action]] = {
+    1000: Action.BACKOFF,
+    1001: Action.BACKOFF,
+    1006: Action.BACKOFF,
+    1008: Action.BACKOFF,
+    1011: Action.BACKOFF,
+    1012: Action.BACKOFF,
+    1013: Action.AT_LEAST_MAX,
+    4000: Action.PROMPT,
+    4001: Action.REFRESH_TOKEN,
+    4003: Action.AUTH_FAILED,
+    4008: Action.BACKOFF,
+}
+
+# PROTOCOL.md, "Endpoint and authentication": a handshake refused with an HTTP status.
+HANDSHAKE_STATUSES: Final[Mapping[int, Action]] = {
+    401: Action.REFRESH_TOKEN,
+    403: Action.AUTH_FAILED,
+    429: Action.BACKOFF,
+    503: Action.BACKOFF,
+}
+
+# PROTOCOL.md: "reconnect after a short random delay (at most 1 s)".
+PROMPT_MAX_DELAY: Final = 1.0
+# A hostile or confused Retry-After must not park the daemon for a day.
+RETRY_AFTER_CAP: Final = 600.0
+
+
+def action_for_close(code: int | None, overrides: Mapping[int, Action] | None = None) -> Action:
+    if code is not None and overrides and code in overrides:
+        return overrides[code]
+    return CLOSE_CODES.get(code if code is not None else 1006, Action.BACKOFF)
+
+
+def action_for_status(status: int) -> Action:
+    return HANDSHAKE_STATUSES.get(status, Action.BACKOFF)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), capped."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    delay: float
+
+
+class ReconnectSchedule:
+    """Exponential backoff with full jitter, reset only by a connection that proved healthy.
+
+    A server that accepts and closes at once never resets it, so it cannot cause a tight
+    loop; the floor (a tenth of ``initial``) keeps even an unlucky jitter draw from
+    reconnecting instantly.
+    """
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        if not 0 < initial <= maximum:
+            raise ValueError("need 0 < initial <= maximum")
+        self.initial = initial
+        self.maximum = maximum
+        self._rng = rng or random.Random()
+        self._caps = self._new_caps()
+
+    def _new_caps(self) -> Iterator[float]:
+        # backoff.expo yields initial, 2*initial, 4*initial, ... capped at maximum, after
+        # a None that primes it for .send().
+        caps = backoff.expo(base=2, factor=self.initial, max_value=self.maximum)
+        next(caps)
+        return caps
+
+    def reset(self) -> None:
+        self._caps = self._new_caps()
+
+    def _jittered(self) -> float:
+        cap = next(self._caps)
+        return max(self.initial / 10, self._rng.uniform(0, cap))
+
+    def next(
+        self,
+        action: Action,
+        *,
+        healthy: bool = False,
+        retry_after: float | None = None,
+        token_changed: bool = False,
+    ) -> Decision:
+        """How long to wait before the next attempt.
+
+        ``healthy``: the connection that just ended had been joined and receiving for a
+        while. ``token_changed``: after a 4001/401, the token read afresh differs.
+        """
+        if healthy:
+            self.reset()
+        if action is Action.PROMPT or (action is Action.REFRESH_TOKEN and token_changed):
+            delay = self._rng.uniform(0, min(PROMPT_MAX_DELAY, self.maximum))
+        elif action is Action.AT_LEAST_MAX:
+            delay = self._rng.uniform(self.maximum, 1.5 * self.maximum)
+        elif action is Action.AUTH_FAILED:
+            delay = self.maximum
+        else:
+            delay = self._jittered()
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return Decision(action, delay)

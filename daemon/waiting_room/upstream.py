@@ -1,0 +1,505 @@
+"""The one upstream WebSocket: connect, authenticate, join every room, feed the store.
+
+The loop is ours, not websockets' ``async for ws in connect()``: it must read the token
+afresh before each attempt, follow PROTOCOL.md's close codes (``policy``), treat 401/403/429
+as retryable, and rotate tokens make-before-break. Decisions come from the pure ``policy``
+and ``protocol`` modules; this module only waits, sends and receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import urllib.parse
+from datetime import datetime, timezone
+from typing import Callable, Final, Iterable
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from . import protocol
+from .config import UpstreamConfig
+from .credentials import SecretError, TokenSource, file_signature, jwt_expiry
+from .model import LinkStatus
+from .policy import Action, ReconnectSchedule, action_for_close, action_for_status, parse_retry_after
+from .store import RoomStore
+
+log = logging.getLogger(__name__)
+# websockets logs handshake headers (the bearer token) at DEBUG: this logger never goes there.
+_wire_log = logging.getLogger("waiting_room.wire")
+
+DEFAULT_HEARTBEAT: Final = 15.0
+MAX_MESSAGE: Final = 1024 * 1024  # larger frames close the socket; up to here they are dropped
+CLOSE_TIMEOUT: Final = 2.0
+
+
+def redact_url(url: str) -> str:
+    """The URL as it may be printed: no userinfo, no token query parameter."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urllib.parse.urlencode(
+        [(k, "***" if k.lower() in ("token", "access_token") else v)
+         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def url_with_token(url: str, token: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k != "token"]
+    query.append(("token", token))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+def parse_ts(ts: str | None) -> float | None:
+    if ts is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(ts)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+class RateLimitedLog:
+    """Logs the first of a kind of problem, then at most once per interval with a count."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self._log = logger
+        self._interval = interval
+        self._clock = clock
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += " (and %d more in the last %.0f s)"
+            args = (*args, self._suppressed, self._interval)
+        self._suppressed = 0
+        self._next = now + self._interval
+        self._log.warning(msg, *args)
+
+
+class _Session:
+    """One connection: joins, reads, answers pings, notices silence, retries refused rooms."""
+
+    def __init__(self, upstream: Upstream, ws: ClientConnection, token: str, loop: asyncio.AbstractEventLoop):
+        self.up = upstream
+        self.ws = ws
+        self.token = token
+        self._loop = loop
+        self._decoder = protocol.FrameDecoder()
+        self.feeding = True  # False once a newer session has taken over
+        self.joined: set[str] = set()
+        self.answered: set[str] = set()  # rooms joined or refused: the session is "ready"
+        self.ready = asyncio.Event()
+        self._retry_at: dict[str, float] = {}
+        self._retry_wake = asyncio.Event()
+        self.healthy_since: float | None = None
+        self.last_rx = loop.time()
+        cfg = upstream.cfg
+        self.timeout = float(cfg.heartbeat_timeout or 2 * DEFAULT_HEARTBEAT + 5)
+        self.timed_out = False
+        self.single_room = False
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def close_code(self) -> int:
+        if self.timed_out:
+            return 1006
+        return self.ws.close_code or 1006
+
+    async def run(self) -> None:
+        try:
+            for room in self.up.room_ids:
+                await self.ws.send(protocol.join_frame(room))
+            async with asyncio.TaskGroup() as tg:
+                watchdog = tg.create_task(self._watchdog())
+                rejoin = tg.create_task(self._rejoin())
+                try:
+                    await self._read()
+                finally:
+                    watchdog.cancel()
+                    rejoin.cancel()
+        except ConnectionClosed:
+            pass
+        except Exception:  # a bug must cost a reconnect, never the daemon
+            log.exception("upstream session failed")
+        finally:
+            await self.close(1000)
+
+    async def close(self, code: int) -> None:
+        self.feeding = False
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code)
+        except (TimeoutError, OSError):
+            self.ws.transport.abort()
+
+    async def _read(self) -> None:
+        up = self.up
+        store = up.store
+        decode = self._decoder.decode
+        loop_time = self._loop.time
+        async for message in self.ws:
+            self.last_rx = loop_time()
+            frame = decode(message)
+            if not self.feeding:
+                continue
+            kind = type(frame)
+            if kind is protocol.Queue:
+                self._on_queue(frame)  # type: ignore[arg-type]
+            elif kind is protocol.Ping:
+                await self.ws.send(protocol.PONG_FRAME)
+            elif kind is protocol.Joined:
+                self._on_joined(frame.room)  # type: ignore[union-attr]
+            elif kind is protocol.Error:
+                self._on_error(frame)  # type: ignore[arg-type]
+            elif kind is protocol.Hello:
+                if up.cfg.heartbeat_timeout is None:
+                    self.timeout = 2 * frame.heartbeat + 5  # type: ignore[union-attr]
+            elif kind is protocol.Dropped:
+                up.drop(frame.reason)  # type: ignore[union-attr]
+            # Pong and Ignored (unknown types) need nothing.
+
+    def _on_queue(self, frame: protocol.Queue) -> None:
+        up = self.up
+        room = frame.room
+        if room is None:
+            if len(up.room_ids) != 1:
+                up.drop("queue frame without a room, but several rooms are configured")
+                return
+            room = up.room_ids[0]
+            self.single_room = True
+            self.store_room_answered(room)
+        if not up.store.apply_queue(room, frame.patients, frame.now_serving, parse_ts(frame.ts), frame.seq):
+            up.drop("queue frame for a room that is not configured")
+            return
+        self._mark_receiving()
+
+    def _on_joined(self, room: str) -> None:
+        if room not in self.up.store.rooms:
+            self.up.drop("joined frame for a room that is not configured")
+            return
+        self.joined.add(room)
+        self._retry_at.pop(room, None)
+        self.up.store.clear_room_error(room)
+        self.store_room_answered(room)
+        self._mark_receiving()
+
+    def _on_error(self, frame: protocol.Error) -> None:
+        room = frame.room
+        if room is None or room not in self.up.store.rooms:
+            self.up.drop("error frame without a configured room")
+            return
+        if self.single_room:
+            return  # a single-room server feeds its room without joins
+        code = frame.code if frame.code in ("unknown_room", "forbidden") else "error"
+        if self.up.store.set_room_error(room, code):
+            log.warning("upstream refused room %s: %s; asking again in %.0f s", room, code, self.up.cfg.room_retry)
+        self.joined.discard(room)
+        self._retry_at[room] = self._loop.time() + self.up.cfg.room_retry
+        self._retry_wake.set()
+        self.store_room_answered(room)
+        self._mark_receiving()
+
+    def store_room_answered(self, room: str) -> None:
+        self.answered.add(room)
+        if not self.ready.is_set() and self.answered.issuperset(self.up.room_ids):
+            self.ready.set()
+
+    def _mark_receiving(self) -> None:
+        if self.healthy_since is None:
+            self.healthy_since = self._loop.time()
+            self.up.on_session_live(self)
+
+    async def _watchdog(self) -> None:
+        """A frozen server or a half-open TCP connection: silence longer than the timeout."""
+        while True:
+            remaining = self.last_rx + self.timeout - self._loop.time()
+            if remaining <= 0:
+                log.warning("upstream silent for %.0f s: dropping the connection", self.timeout)
+                self.timed_out = True
+                self.ws.transport.abort()
+                return
+            await asyncio.sleep(remaining + 0.01)
+
+    async def _rejoin(self) -> None:
+        while True:
+            if not self._retry_at:
+                self._retry_wake.clear()
+                await self._retry_wake.wait()
+                continue
+            now = self._loop.time()
+            due = [room for room, at in self._retry_at.items() if at <= now]
+            for room in due:
+                del self._retry_at[room]
+                if room in self.up.store.rooms:
+                    try:
+                        await self.ws.send(protocol.join_frame(room))
+                    except ConnectionClosed:
+                        return  # the reader sees the close too
+            if self._retry_at:
+                self._retry_wake.clear()
+                wait = min(self._retry_at.values()) - self._loop.time()
+                try:
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        await self._retry_wake.wait()
+                except TimeoutError:
+                    pass
+
+    async def change_rooms(self, added: Iterable[str], removed: Iterable[str]) -> None:
+        for room in removed:
+            self._retry_at.pop(room, None)
+            self.joined.discard(room)
+            await self.ws.send(protocol.leave_frame(room))
+        for room in added:
+            await self.ws.send(protocol.join_frame(room))
+
+
+class Upstream:
+    """Keeps exactly one healthy connection (two, briefly, while rotating the token)."""
+
+    def __init__(
+        self,
+        cfg: UpstreamConfig,
+        room_ids: Iterable[str],
+        store: RoomStore,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.room_ids: tuple[str, ...] = tuple(room_ids)
+        self.store = store
+        self.tokens = TokenSource(
+            literal=cfg.token,
+            file=cfg.token_file,
+            command=tuple(cfg.token_argv) if cfg.token_argv else None,
+            credential=cfg.token_credential,
+        )
+        self.schedule = ReconnectSchedule(cfg.backoff.initial, cfg.backoff.max, rng)
+        self._overrides = {code: Action(name) for code, name in cfg.close_codes.items()}
+        self._bad_frames = RateLimitedLog(log)
+        self._session: _Session | None = None
+        self._rotation_retry_at = 0.0
+
+    # -- called by sessions ---------------------------------------------------------------
+
+    def drop(self, reason: str) -> None:
+        count = self.store.count_dropped()
+        self._bad_frames.warning("dropped a bad frame from upstream: %s (%d so far)", reason, count)
+
+    def on_session_live(self, session: _Session) -> None:
+        if session is self._session and self.store.link.status is not LinkStatus.CONNECTED:
+            log.info("upstream connected to %s, %d rooms", redact_url(self.cfg.url), len(self.room_ids))
+            self.store.set_link(LinkStatus.CONNECTED, "")
+
+    async def set_rooms(self, room_ids: Iterable[str]) -> None:
+        """Join and leave on the live socket: a changed room list needs no reconnect."""
+        new = tuple(room_ids)
+        added = [r for r in new if r not in self.room_ids]
+        removed = [r for r in self.room_ids if r not in new]
+        self.room_ids = new
+        if self._session is not None and (added or removed):
+            try:
+                await self._session.change_rooms(added, removed)
+            except ConnectionClosed:
+                pass  # the next connection joins the new list
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                session, delay = await self._attempt(loop, tg)
+                if session is None:
+                    await asyncio.sleep(delay)
+                    continue
+                await self._serve(session, tg)
+                delay = await self._after_close(session)
+                await asyncio.sleep(delay)
+
+    async def _read_token(self) -> str:
+        return await asyncio.to_thread(self.tokens.read)
+
+    async def _open(self, token: str) -> ClientConnection:
+        url, headers = self.cfg.url, None
+        if self.cfg.token_in == "query":
+            url = url_with_token(url, token)
+        else:
+            headers = {"Authorization": f"Bearer {token}"}
+        return await connect(
+            url,
+            additional_headers=headers,
+            open_timeout=float(self.cfg.connect_timeout),
+            close_timeout=CLOSE_TIMEOUT,
+            ping_interval=20,
+            ping_timeout=20,
+            max_size=MAX_MESSAGE,
+            compression=None,
+            logger=_wire_log,
+            user_agent_header="waiting-room",
+        )
+
+    def _failed(self, status: LinkStatus, detail: str, delay: float) -> None:
+        log.warning("upstream %s; retrying in %.1f s", detail, delay)
+        self.store.set_link(status, detail, retry_in=delay)
+
+    async def _attempt(
+        self, loop: asyncio.AbstractEventLoop, tg: asyncio.TaskGroup
+    ) -> tuple[_Session | None, float]:
+        """One connection attempt: a running session, or how long to wait before the next."""
+        try:
+            token = await self._read_token()
+        except SecretError as exc:
+            delay = self.schedule.next(Action.BACKOFF).delay
+            self._failed(LinkStatus.DISCONNECTED, f"token unavailable: {exc}", delay)
+            return None, delay
+        try:
+            ws = await self._open(token)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            action = action_for_status(status)
+            retry_after = parse_retry_after(exc.response.headers.get("Retry-After"), time.time())
+            token_changed = False
+            if action is Action.REFRESH_TOKEN:
+                token_changed = await self._token_changed(token)
+            decision = self.schedule.next(action, retry_after=retry_after, token_changed=token_changed)
+            link = LinkStatus.AUTH_FAILED if action is Action.AUTH_FAILED else LinkStatus.DISCONNECTED
+            self._failed(link, f"handshake refused: HTTP {status}", decision.delay)
+            return None, decision.delay
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # OSError, timeouts, bad handshakes: the network's problems
+            delay = self.schedule.next(Action.BACKOFF).delay
+            self._failed(LinkStatus.DISCONNECTED, f"connect failed: {self._describe(exc, token)}", delay)
+            return None, delay
+        session = _Session(self, ws, token, loop)
+        self._session = session
+        session.task = tg.create_task(session.run())
+        return session, 0.0
+
+    async def _token_changed(self, used: str) -> bool:
+        try:
+            return await self._read_token() != used
+        except SecretError:
+            return False
+
+    def _describe(self, exc: BaseException, token: str) -> str:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return text.replace(token, "***") if token else text
+
+    async def _serve(self, session: _Session, tg: asyncio.TaskGroup) -> None:
+        """Until the session ends; swaps in a new one when the token rotates."""
+        while True:
+            watcher = tg.create_task(self._rotation_due(session.token))
+            try:
+                await asyncio.wait({session.task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+            if session.task.done():
+                return
+            if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+                replacement = await self._make_before_break(session, watcher.result(), tg)
+                if replacement is not None:
+                    session = replacement
+
+    async def _make_before_break(self, old: _Session, token: str, tg: asyncio.TaskGroup) -> _Session | None:
+        """Open and join with the new token, then close the old connection: no stale gap."""
+        try:
+            ws = await self._open(token)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._rotation_retry_at = time.monotonic() + float(self.cfg.backoff.max)
+            log.warning("token rotation: new connection failed (%s); keeping the current one",
+                        self._describe(exc, token))
+            return None
+        new = _Session(self, ws, token, asyncio.get_running_loop())
+        new.task = tg.create_task(new.run())
+        try:
+            async with asyncio.timeout(float(self.cfg.connect_timeout)):
+                await new.ready.wait()
+        except TimeoutError:
+            log.warning("token rotation: new connection did not join every room in time; switching anyway")
+        if new.task.done():
+            self._rotation_retry_at = time.monotonic() + float(self.cfg.backoff.max)
+            log.warning("token rotation: new connection closed at once; keeping the current one")
+            return None
+        self._session = new
+        await old.close(1000)
+        log.info("token rotated: switched to a new connection")
+        return new
+
+    async def _rotation_due(self, token: str) -> str:
+        """Returns a fresh token when the token file changed or a JWT nears its expiry."""
+        path = self.tokens.watched_file
+        signature = await asyncio.to_thread(file_signature, path) if path else None
+        expiry = jwt_expiry(token)
+        now = time.time()
+        renew_at = None
+        if expiry is not None:
+            renew_at = max(now + (expiry - now) / 2, expiry - float(self.cfg.token_renew_before))
+        while True:
+            waits = []
+            if path is not None:
+                waits.append(float(self.cfg.token_check))
+            if renew_at is not None:
+                waits.append(max(renew_at - time.time(), 0.0))
+            if not waits:  # a literal token without exp: nothing will ever be due
+                await asyncio.Event().wait()
+            await asyncio.sleep(max(min(waits), self._rotation_retry_at - time.monotonic()))
+            if time.monotonic() < self._rotation_retry_at:
+                continue
+            due = renew_at is not None and time.time() >= renew_at
+            if path is not None:
+                current = await asyncio.to_thread(file_signature, path)
+                if current != signature:
+                    signature = current
+                    due = True
+            if not due:
+                continue
+            try:
+                fresh = await self._read_token()
+            except SecretError as exc:
+                log.warning("token rotation: %s", exc)
+                continue
+            if fresh != token:
+                return fresh
+            renew_at = None  # same token still: the server will say 4001 when it expires
+
+    async def _after_close(self, session: _Session) -> float:
+        code = session.close_code
+        if self._session is session:
+            self._session = None
+        loop = asyncio.get_running_loop()
+        healthy = (
+            session.healthy_since is not None
+            and loop.time() - session.healthy_since >= float(self.cfg.stable_after)
+        )
+        action = action_for_close(code, self._overrides)
+        token_changed = False
+        if action is Action.REFRESH_TOKEN:
+            token_changed = await self._token_changed(session.token)
+        decision = self.schedule.next(action, healthy=healthy, token_changed=token_changed)
+        reason = session.ws.close_reason if not session.timed_out else ""
+        detail = "heartbeat timeout" if session.timed_out else f"closed {code}"
+        if reason:
+            detail += f" ({reason[:80]!r})"
+        link = LinkStatus.AUTH_FAILED if action is Action.AUTH_FAILED else LinkStatus.DISCONNECTED
+        if link is LinkStatus.AUTH_FAILED:
+            log.error("upstream: authorisation failed (%s); retrying every %.0f s", detail, decision.delay)
+            self.store.set_link(link, detail, retry_in=decision.delay)
+        else:
+            self._failed(link, f"lost: {detail}", decision.delay)
+        return decision.delay
