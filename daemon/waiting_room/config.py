@@ -174,10 +174,54 @@ class MqttConfig(_Strict):
         return self.client_id or _default_client_id()
 
 
+_LOCALE_RE: Final = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ValueError('listen: expected "host:port", e.g. "127.0.0.1:8080"')
+    return host.strip("[]"), int(port)
+
+
+class DisplayConfig(_Strict):
+    """The wall displays: kiosk pages served by the daemon, and command-driven signs."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:8080"
+    locale: str = "en"
+    # Required when listening beyond loopback? Optional: browsers pass it as ?token=.
+    access_token: str | None = None
+    access_token_file: str | None = None
+    # Heartbeat to the pages: they show "offline" when it stops.
+    heartbeat: Seconds = Seconds(5.0)
+    # A program run on each change, e.g. ["/usr/local/bin/sign", "{room}", "{patients}"].
+    command: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
+    command_timeout: Seconds = Seconds(10.0)
+
+    def __post_init__(self) -> None:
+        _split_listen(self.listen)
+        if not _LOCALE_RE.match(self.locale):
+            raise ValueError("locale: expected a language code such as en or bn")
+        if self.access_token is not None and self.access_token_file is not None:
+            raise ValueError("expected one of access_token, access_token_file")
+
+    @property
+    def host(self) -> str:
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+
 class Config(_Strict):
     upstream: UpstreamConfig
     rooms: Annotated[list[RoomConfig], msgspec.Meta(min_length=1, max_length=100_000)]
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    display: DisplayConfig = msgspec.field(default_factory=DisplayConfig)
+    # Where the last known state is kept; default $STATE_DIRECTORY (systemd), else none.
+    state_dir: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     def __post_init__(self) -> None:
@@ -186,6 +230,8 @@ class Config(_Strict):
             if room.id in seen:
                 raise ValueError(f"rooms[{i}].id: duplicate room id")
             seen.add(room.id)
+            if room.locale is not None and not _LOCALE_RE.match(room.locale):
+                raise ValueError(f"rooms[{i}].locale: expected a language code such as en or bn")
 
     @property
     def room_ids(self) -> tuple[str, ...]:

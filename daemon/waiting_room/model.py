@@ -36,12 +36,10 @@ class RoomState:
 
 @dataclass(frozen=True, slots=True)
 class LinkState:
-    """Health of the upstream connection, plus counters a status surface can show."""
+    """Health of the upstream connection (the counters of frames live on the store)."""
 
     status: LinkStatus = LinkStatus.CONNECTING
     detail: str = ""  # short and human: "closed 1011", "handshake refused: HTTP 503"
     since: float = 0.0  # Unix seconds of the last status change
     retry_in: float | None = None  # seconds until the next attempt, while disconnected
     connects: int = 0  # successful connections since start
-    dropped_frames: int = 0  # frames dropped as bad input (PROTOCOL.md "Bad input")
-    last_frame_at: float | None = None

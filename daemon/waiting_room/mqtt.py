@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import socket
 import time
@@ -28,6 +29,7 @@ from .store import RoomStore
 log = logging.getLogger(__name__)
 
 HA_STATUS_TOPIC: Final = "homeassistant/status"
+NETWORK_TIMEOUT: Final = 10.0
 STOP_PUBLISH_TIMEOUT: Final = 1.0
 # Connected this long counts as healthy: the next loss starts the backoff from the beginning.
 STABLE_AFTER: Final = 10.0
@@ -52,6 +54,30 @@ def state_payload(state: RoomState) -> bytes:
             "error": state.error,
         }
     )
+
+
+async def publish(
+    client: aiomqtt.Client, topic: str, payload: str | bytes, *, qos: int = 0, retain: bool = True
+) -> None:
+    """``client.publish`` under ``asyncio.timeout``.
+
+    aiomqtt's own timeout is ``asyncio.wait_for``, which on Python 3.11 can swallow a
+    cancellation that races with the broker's ack; a swallowed cancel leaves a TaskGroup
+    waiting forever at shutdown. ``asyncio.timeout`` does not have that flaw.
+    """
+    try:
+        async with asyncio.timeout(NETWORK_TIMEOUT):
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf)
+    except TimeoutError:
+        raise aiomqtt.MqttError(f"publish to {topic} timed out") from None
+
+
+async def subscribe(client: aiomqtt.Client, topic: str) -> None:
+    try:
+        async with asyncio.timeout(NETWORK_TIMEOUT):
+            await client.subscribe(topic, timeout=math.inf)
+    except TimeoutError:
+        raise aiomqtt.MqttError(f"subscribe to {topic} timed out") from None
 
 
 def upstream_payload(status: LinkStatus) -> str:
@@ -129,18 +155,18 @@ class MqttPublisher:
 
     async def _connected(self, client: aiomqtt.Client) -> None:
         try:
-            await client.publish(self.status_topic, "online", qos=1, retain=True)
+            await publish(client, self.status_topic, "online", qos=1, retain=True)
             announce = asyncio.Event()
             if self.discovery is not None:
-                await client.subscribe(HA_STATUS_TOPIC)
-                await client.subscribe(self.discovery.subscription)
+                await subscribe(client, HA_STATUS_TOPIC)
+                await subscribe(client, self.discovery.subscription)
                 announce.set()
             await self._serve(client, announce)
         except asyncio.CancelledError:
             # A clean stop: say so, rather than leave the will to a broker that will not fire it.
             try:
                 async with asyncio.timeout(STOP_PUBLISH_TIMEOUT):
-                    await client.publish(self.status_topic, "offline", qos=1, retain=True)
+                    await publish(client, self.status_topic, "offline", qos=1, retain=True)
             except (aiomqtt.MqttError, TimeoutError):
                 pass
             raise
@@ -171,7 +197,7 @@ class MqttPublisher:
                 if batch.link is not None:
                     payload = upstream_payload(batch.link.status)
                     if payload != upstream:
-                        await client.publish(f"{base}/upstream", payload, qos=1, retain=True)
+                        await publish(client, f"{base}/upstream", payload, qos=1, retain=True)
                         upstream = payload
                 for room, state in batch.rooms.items():
                     if state is None:
@@ -179,16 +205,16 @@ class MqttPublisher:
                         published.pop(room, None)
                         continue
                     if state.patients is not None and published.get(room) != state.patients:
-                        await client.publish(f"{base}/{room}/patients", str(state.patients), retain=True)
+                        await publish(client, f"{base}/{room}/patients", str(state.patients))
                         published[room] = state.patients
-                    await client.publish(f"{base}/{room}/state", state_payload(state), retain=True)
+                    await publish(client, f"{base}/{room}/state", state_payload(state))
 
     async def _forget(self, client: aiomqtt.Client, room: str) -> None:
         """A room taken out of the config: clear its retained topics and its discovery entry."""
-        await client.publish(f"{self.base}/{room}/patients", b"", retain=True)
-        await client.publish(f"{self.base}/{room}/state", b"", retain=True)
+        await publish(client, f"{self.base}/{room}/patients", b"", retain=True)
+        await publish(client, f"{self.base}/{room}/state", b"", retain=True)
         if self.discovery is not None:
-            await client.publish(self.discovery.room_topic(room), b"", qos=1, retain=True)
+            await publish(client, self.discovery.room_topic(room), b"", qos=1, retain=True)
 
     async def _announcer(self, client: aiomqtt.Client, announce: asyncio.Event) -> None:
         assert self.discovery is not None
@@ -202,7 +228,7 @@ class MqttPublisher:
             first = False
             rooms = [(r.room, r.name) for r in self.store.rooms.values()]
             for message in self.discovery.messages(rooms):
-                await client.publish(message.topic, message.payload, qos=1, retain=True)
+                await publish(client, message.topic, message.payload, qos=1, retain=True)
 
     async def _incoming(self, client: aiomqtt.Client, announce: asyncio.Event) -> None:
         assert self.discovery is not None
@@ -217,4 +243,4 @@ class MqttPublisher:
                 topic, {self.discovery.room_topic(r) for r in self.store.rooms}
             ):
                 log.info("removing the discovery entry %s of a room no longer configured", topic)
-                await client.publish(topic, b"", qos=1, retain=True)
+                await publish(client, topic, b"", qos=1, retain=True)

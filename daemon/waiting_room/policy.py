@@ -103,6 +103,7 @@ class ReconnectSchedule:
         self.maximum = maximum
         self._rng = rng or random.Random()
         self._caps = self._new_caps()
+        self.failures = 0  # consecutive steps since the last reset
 
     def _new_caps(self) -> Iterator[float]:
         # backoff.expo yields initial, 2*initial, 4*initial, ... capped at maximum, after
@@ -113,9 +114,11 @@ class ReconnectSchedule:
 
     def reset(self) -> None:
         self._caps = self._new_caps()
+        self.failures = 0
 
     def _jittered(self) -> float:
         cap = next(self._caps)
+        self.failures += 1
         return max(self.initial / 10, self._rng.uniform(0, cap))
 
     def next(

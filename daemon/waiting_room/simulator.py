@@ -163,6 +163,8 @@ class Simulator:
         self.leaves: list[str] = []
         self.pongs = 0
         self.frames_received = 0
+        # The close code of each ended connection (the client's, when it closed first).
+        self.close_codes: list[int | None] = []
 
         self._clients: set[_Client] = set()
         self._changed = asyncio.Event()
@@ -436,6 +438,7 @@ class Simulator:
                     beat.cancel()
         finally:
             self._clients.discard(client)
+            self.close_codes.append(ws.close_code)
             client.done.set()
             self._notify()
 

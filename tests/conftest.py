@@ -1,0 +1,200 @@
+"""Shared fixtures: a private mosquitto on a free loopback port, the simulator, a daemon.
+
+Nothing here touches the machine's own broker on 1883: every test run starts its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator
+
+import aiomqtt
+import pytest
+import yaml
+
+from waiting_room.config import Config, parse_config
+from waiting_room.simulator import Simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """A mosquitto process of our own; ``restart()`` keeps the port (and loses retained)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not os.path.exists(exe):
+            pytest.fail("mosquitto is not installed: run ./scripts/test, which installs it")
+        conf = self.tmp / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        )
+        self.proc = subprocess.Popen(
+            [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=open(self.tmp / "mosquitto.log", "wb")
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mosquitto exited: {(self.tmp / 'mosquitto.log').read_text()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return
+            time.sleep(0.02)
+        pytest.fail("mosquitto did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+class Watcher:
+    """An MQTT subscriber that remembers the last payload of every topic and lets a test
+    await a condition with a deadline, instead of sleeping and hoping."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.last: dict[str, str] = {}
+        self.history: list[tuple[str, str]] = []
+        self._changed = asyncio.Condition()
+
+    async def _pump(self) -> None:
+        async for msg in self.client.messages:
+            payload = msg.payload.decode() if isinstance(msg.payload, (bytes, bytearray)) else str(msg.payload)
+            topic = msg.topic.value
+            self.last[topic] = payload
+            self.history.append((topic, payload))
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._changed:
+                    await self._changed.wait_for(predicate)
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what or predicate}; last={self.last}") from None
+
+    async def wait_topic(self, topic: str, payload: str | None = None, timeout: float = 10.0) -> str:
+        if payload is None:
+            await self.wait_for(lambda: topic in self.last, timeout, f"{topic}")
+        else:
+            await self.wait_for(lambda: self.last.get(topic) == payload, timeout, f"{topic} == {payload!r}")
+        return self.last[topic]
+
+
+@pytest.fixture
+async def watcher(broker: Broker) -> AsyncIterator[Watcher]:
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=f"test-watcher-{os.getpid()}") as client:
+        await client.subscribe("#")
+        w = Watcher(client)
+        task = asyncio.create_task(w._pump())
+        try:
+            yield w
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    s = Simulator(rooms=("opd-1", "lab"), token="test-token", heartbeat=15, tick=0, seed=1,
+                  initial_patients={"opd-1": 5, "lab": 2})
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+def make_config(sim_url: str, broker_port: int, **overrides: object) -> Config:
+    """A small, fast config: backoff shrunk so reconnect tests take fractions of a second."""
+    data: dict[str, object] = {
+        "upstream": {
+            "url": sim_url,
+            "token": "test-token",
+            "backoff": {"initial": 0.05, "max": 0.3},
+            "stable_after": 0.5,
+            "connect_timeout": 2,
+        },
+        "rooms": [{"id": "opd-1", "name": "OPD 1"}, {"id": "lab", "name": "Laboratory"}],
+        "mqtt": {"port": broker_port, "client_id": "wr-test", "backoff": {"initial": 0.05, "max": 0.3}},
+        "display": {"enabled": False},
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            data.setdefault(section, {})[name] = value  # type: ignore[index]
+        else:
+            data[section] = value
+    return parse_config(data, "test-config")
+
+
+def write_config(path: Path, config: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def daemon_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "waiting_room", *args]
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator["App"]:
+    """The daemon in this test's event loop; stopped the way SIGTERM stops it."""
+    from waiting_room.app import App
+
+    app = App(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(stop))
+    try:
+        yield app
+    finally:
+        stop.set()
+        async with asyncio.timeout(5):
+            await task
+
+
+async def wait_store(app: "App", predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Awaits a condition on the daemon's store, woken by each change it publishes."""
+    with app.store.subscribe() as changes:
+        async with asyncio.timeout(timeout):
+            async for _ in changes:
+                if predicate():
+                    return
