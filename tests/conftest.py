@@ -120,16 +120,20 @@ class Watcher:
 
 @pytest.fixture
 async def watcher(broker: Broker) -> AsyncIterator[Watcher]:
-    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=f"test-watcher-{os.getpid()}") as client:
-        await client.subscribe("#")
-        w = Watcher(client)
-        task = asyncio.create_task(w._pump())
-        try:
-            yield w
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    client = aiomqtt.Client("127.0.0.1", broker.port, identifier=f"test-watcher-{os.getpid()}")
+    await client.__aenter__()
+    await client.subscribe("#")
+    w = Watcher(client)
+    task = asyncio.create_task(w._pump())
+    try:
+        yield w
+    finally:
+        task.cancel()
+        # A test may have restarted the broker under the watcher: its loss is not a failure.
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)
 
 
 @pytest.fixture

@@ -321,8 +321,8 @@ def test_top_level_not_a_mapping():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG config.py:291 (_describe): an unknown key containing a newline is not matched "
-    "by `(.+)` and msgspec's raw two-line text reaches the operator",
+    reason="BUG config.py:291/322 (_describe, parse_config): an unknown key containing a newline "
+    "is not matched by `(.+)` and is never escaped, so a two-line error reaches the operator",
 )
 def test_unknown_key_with_a_newline_is_still_one_line():
     message = error_of(variant(("upstream.typo\nkey", 1)))

@@ -134,6 +134,7 @@ class MqttPublisher:
     async def run(self) -> None:
         schedule = ReconnectSchedule(float(self.cfg.backoff.initial), float(self.cfg.backoff.max))
         where = f"{self.cfg.host}:{self.cfg.port}"
+        self.store.set_component("mqtt", "connecting")
         while True:
             connected_at: float | None = None
             try:

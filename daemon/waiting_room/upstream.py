@@ -28,8 +28,20 @@ from .policy import Action, ReconnectSchedule, action_for_close, action_for_stat
 from .store import RoomStore
 
 log = logging.getLogger(__name__)
-# websockets logs handshake headers (the bearer token) at DEBUG: this logger never goes there.
-_wire_log = logging.getLogger("waiting_room.wire")
+
+
+class _WireLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets' logger, minus DEBUG: that level prints the handshake, token included."""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+
+def _only_closed(exc: BaseException) -> bool:
+    """True for a ConnectionClosed, bare or wrapped in (nested) TaskGroup exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_closed(e) for e in exc.exceptions)
+    return isinstance(exc, ConnectionClosed)
 
 DEFAULT_HEARTBEAT: Final = 15.0
 MAX_MESSAGE: Final = 1024 * 1024  # larger frames close the socket; up to here they are dropped
@@ -130,10 +142,9 @@ class _Session:
                 finally:
                     watchdog.cancel()
                     rejoin.cancel()
-        except ConnectionClosed:
-            pass
-        except Exception:  # a bug must cost a reconnect, never the daemon
-            log.exception("upstream session failed")
+        except Exception as exc:
+            if not _only_closed(exc):  # a bug must cost a reconnect, never the daemon
+                log.exception("upstream session failed")
         finally:
             await self.close(1000)
 
@@ -347,7 +358,7 @@ class Upstream:
             ping_timeout=20,
             max_size=MAX_MESSAGE,
             compression=None,
-            logger=_wire_log,
+            logger=_WireLog(logging.getLogger("waiting_room.wire"), {}),
             user_agent_header="waiting-room",
         )
 

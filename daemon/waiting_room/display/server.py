@@ -1,0 +1,321 @@
+"""The kiosk pages, their push channel and /healthz, served by the daemon itself.
+
+One ``websockets`` server does both jobs: ``process_request`` answers the plain GETs (pages,
+a fixed whitelist of static files, /healthz) and lets only ``/ws`` upgrade. Each browser gets
+its own store subscription: it receives the whole current state first, then coalesced
+changes, so a slow screen lags on its own (and gets the latest numbers when it catches up)
+while every other screen and the one upstream connection carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hmac
+import http
+import ipaddress
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Final, Iterable, Mapping
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ..config import DisplayConfig, RoomConfig
+from ..store import RoomStore, Subscription
+from . import render
+from .render import Assets, PageOptions
+from .signs import RateLimitedLog, SignDriver
+
+log = logging.getLogger(__name__)
+
+MAX_INCOMING: Final = 4096  # pages send nothing; anything bigger is misuse
+SEND_TIMEOUT: Final = 10.0  # a screen that takes longer to accept one frame is dropped
+PING_INTERVAL: Final = 20.0  # RFC 6455 pings: reap browsers that vanished without a close
+OPEN_TIMEOUT: Final = 10.0  # a request must arrive whole within this (slowloris)
+CLOSE_TIMEOUT: Final = 2.0
+
+
+class AccessTokenError(Exception):
+    """``display.access_token_file`` cannot be read; the message never contains the token."""
+
+
+def read_access_token(cfg: DisplayConfig) -> str | None:
+    """Blocking: call in a thread."""
+    if cfg.access_token is not None:
+        return cfg.access_token
+    if cfg.access_token_file is None:
+        return None
+    try:
+        token = Path(cfg.access_token_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
+        raise AccessTokenError(f"display.access_token_file {cfg.access_token_file}: {reason}") from None
+    if not token:
+        raise AccessTokenError(f"display.access_token_file {cfg.access_token_file}: empty")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class DisplayService:
+    """A consumer of the store, like MQTT: serves the displays until cancelled.
+
+    ``ready`` is set once the socket listens (``port`` is then the bound port, useful with
+    ``listen: host:0``) or at once when only the sign command runs.
+    """
+
+    def __init__(
+        self,
+        cfg: DisplayConfig,
+        rooms: Iterable[RoomConfig],
+        store: RoomStore,
+        *,
+        required_components: Iterable[str] = ("mqtt",),
+        page_options: PageOptions | None = None,
+        clock: Callable[[], float] = time.time,
+        send_timeout: float = SEND_TIMEOUT,
+    ) -> None:
+        self.cfg = cfg
+        self.rooms: Mapping[str, RoomConfig] = {r.id: r for r in rooms}
+        self.store = store
+        self.required = tuple(required_components)
+        self.page_options = page_options or PageOptions(heartbeat=float(cfg.heartbeat))
+        self.clock = clock
+        self.send_timeout = send_timeout
+        self.signs = SignDriver(cfg.command, float(cfg.command_timeout), store) if cfg.command else None
+        self.ready = asyncio.Event()
+        self.port: int | None = None
+        self.clients = 0
+        self.slow_clients = 0
+        self._assets: Assets | None = None
+        self._token: bytes | None = None
+        self._slow = RateLimitedLog(log)
+
+    @property
+    def url(self) -> str | None:
+        if self.port is None:
+            return None
+        host = self.cfg.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+        return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{self.port}/"
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            if self.signs is not None:
+                tg.create_task(self.signs.run(), name="display-signs")
+            if self.cfg.enabled:
+                tg.create_task(self._serve(), name="display-http")
+            else:
+                self.ready.set()
+
+    async def _serve(self) -> None:
+        self._assets = await asyncio.to_thread(render.load_assets)
+        token = await asyncio.to_thread(read_access_token, self.cfg)
+        self._token = token.encode() if token is not None else None
+        for r in self.rooms.values():
+            if r.locale and render.resolve_locale(r.locale, self._assets.locales) == render.DEFAULT_LOCALE != r.locale:
+                log.warning("display: room %s: no locale %r in display/locales, using English", r.id, r.locale)
+        if render.resolve_locale(self.cfg.locale, self._assets.locales) != self.cfg.locale:
+            log.warning("display: no locale %r in display/locales, using English", self.cfg.locale)
+        if self._token is None and not is_loopback(self.cfg.host):
+            log.warning(
+                "display: listening on %s without display.access_token: anyone who can reach it sees the pages",
+                self.cfg.listen,
+            )
+        async with serve(
+            self._connection,
+            self.cfg.host,
+            self.cfg.port,
+            process_request=self._route,
+            server_header=None,
+            max_size=MAX_INCOMING,
+            max_queue=4,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_INTERVAL,
+            open_timeout=OPEN_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
+        ) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            log.info("display: pages at %s (one room: %srooms/<id>)", self.url, self.url)
+            self.ready.set()
+            try:
+                await asyncio.Future()  # until cancelled; leaving closes every page with 1001
+            finally:
+                self.ready.clear()
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _respond(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        extra: Iterable[tuple[str, str]] = (),
+    ) -> Response:
+        phrase = http.HTTPStatus(status).phrase
+        headers = Headers(
+            [
+                ("Date", email.utils.formatdate(usegmt=True)),
+                ("Connection", "close"),
+                ("Content-Type", content_type),
+                ("Content-Length", str(len(body))),
+                *render.SECURITY_HEADERS,
+                *extra,
+            ]
+        )
+        return Response(status, phrase, headers, body)
+
+    def _message(self, status: int, title: str, message: str) -> Response:
+        return self._respond(
+            status, render.render_message(title, message, self._assets), "text/html; charset=utf-8",
+            [("Cache-Control", "no-store")],
+        )
+
+    def _authorised(self, query: Mapping[str, list[str]]) -> bool:
+        if self._token is None:
+            return True
+        presented = query.get("token", [""])[0].encode()
+        return hmac.compare_digest(presented, self._token)
+
+    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Every request lands here; only an authorised ``/ws`` returns None (upgrade)."""
+        assert self._assets is not None
+        parts = urlsplit(request.path)
+        path = parts.path
+        try:
+            query = parse_qs(parts.query, max_num_fields=8)
+        except ValueError:
+            return self._message(400, "Bad request", "Too many query parameters.")
+        if request.method != "GET":
+            return self._respond(
+                405, b"method not allowed\n", "text/plain; charset=utf-8", [("Allow", "GET")]
+            )
+        if path.startswith("/static/"):
+            asset = self._assets.static.get(path[len("/static/"):])
+            if asset is None:
+                return self._message(404, "Not found", "There is no such file.")
+            return self._respond(
+                200, asset.body, asset.content_type,
+                [("Cache-Control", "public, max-age=31536000, immutable" if query.get("v") else "no-cache")],
+            )
+        if path == "/healthz":
+            return self._health()
+        if path == "/favicon.ico":
+            return self._respond(204, b"", "image/x-icon")
+        room: str | None = None
+        if path == "/ws" or path == "/":
+            room = query.get("room", [None])[0] if path == "/ws" else None
+        elif path.startswith("/rooms/"):
+            room = path[len("/rooms/"):].rstrip("/")
+            if not room:
+                return self._message(404, "Not found", "There is no such page.")
+        else:
+            return self._message(404, "Not found", "There is no such page.")
+        if not self._authorised(query):
+            log.info("display: refused %s without a valid access token", path)
+            return self._message(
+                401, "Access token required", "Open this page with the display's ?token=... in its address."
+            )
+        if room is not None and room not in self.rooms:
+            return self._message(
+                404, "Unknown room", "This display server has no such room. Check the room id in the address."
+            )
+        if path == "/ws":
+            return self._check_origin(request)
+        locale = self._page_locale(room, query.get("lang", [None])[0])
+        shown = [self.rooms[room]] if room is not None else list(self.rooms.values())
+        body = render.render_page(shown, room, locale, self._assets, self.page_options)
+        return self._respond(200, body, "text/html; charset=utf-8", [("Cache-Control", "no-store")])
+
+    def _page_locale(self, room: str | None, override: str | None) -> str:
+        assert self._assets is not None
+        wanted = override or (self.rooms[room].locale if room is not None else None) or self.cfg.locale
+        return render.resolve_locale(wanted, self._assets.locales)
+
+    def _check_origin(self, request: Request) -> Response | None:
+        """A browser on another site must not read the pages' feed (cross-site WebSocket)."""
+        origin = request.headers.get("Origin")
+        host = request.headers.get("Host")
+        if origin is not None and host is not None:
+            origin_host = urlsplit(origin).netloc
+            if origin_host.lower() != host.lower():
+                log.info("display: refused a WebSocket from origin %r", origin[:100])
+                return self._message(403, "Forbidden", "Cross-origin connections are not allowed.")
+        return None
+
+    def _health(self) -> Response:
+        extra: dict[str, object] = {"display_clients": self.clients, "slow_clients": self.slow_clients}
+        if self.signs is not None:
+            extra["signs"] = self.signs.stats()
+        status, body = render.health(
+            self.store.link,
+            self.store.components,
+            self.store.rooms,
+            self.store.dropped_frames,
+            self.clock(),
+            self.required,
+            extra,
+        )
+        return self._respond(status, body, "application/json", [("Cache-Control", "no-store")])
+
+    # -- WebSocket --------------------------------------------------------------------------
+
+    async def _connection(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        room = parse_qs(urlsplit(ws.request.path).query).get("room", [None])[0]
+        self.clients += 1
+        try:
+            with self.store.subscribe() as changes:
+                async with asyncio.TaskGroup() as tg:
+                    pusher = tg.create_task(self._push(ws, changes, room))
+                    try:
+                        # Pages send nothing we need; reading keeps close frames flowing.
+                        async for _ in ws:
+                            pass
+                    except ConnectionClosed:
+                        pass
+                    finally:
+                        pusher.cancel()
+        finally:
+            self.clients -= 1
+
+    async def _push(self, ws: ServerConnection, changes: Subscription, room: str | None) -> None:
+        it = aiter(changes)
+        heartbeat = float(self.cfg.heartbeat)
+        try:
+            await self._send(ws, render.hello_frame(heartbeat, self.clock()))
+            while True:
+                try:
+                    async with asyncio.timeout(heartbeat):
+                        batch = await anext(it)
+                except TimeoutError:
+                    await self._send(ws, render.heartbeat_frame(self.clock()))
+                    continue
+                frame = render.state_frame(batch, self.store.link, room, self.clock())
+                if frame is not None:
+                    await self._send(ws, frame)
+        except (ConnectionClosed, StopAsyncIteration):
+            return
+
+    async def _send(self, ws: ServerConnection, frame: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await ws.send(frame, text=True)
+        except TimeoutError:
+            # Its socket buffer stayed full: let this one screen go rather than hold anything.
+            self.slow_clients += 1
+            self._slow.warning("display: dropped a client that did not read for %.0f s", self.send_timeout)
+            ws.transport.abort()
+            raise ConnectionClosed(None, None) from None
