@@ -319,22 +319,12 @@ def test_top_level_not_a_mapping():
         assert "mapping" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG config.py:291/322 (_describe, parse_config): an unknown key containing a newline "
-    "is not matched by `(.+)` and is never escaped, so a two-line error reaches the operator",
-)
 def test_unknown_key_with_a_newline_is_still_one_line():
     message = error_of(variant(("upstream.typo\nkey", 1)))
     assert "\n" not in message
     assert "unknown key" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG protocol.py:18 ROOM_ID_PATTERN ends in $ (matches before a trailing newline) "
-    "and RoomConfig.id uses it with msgspec's re.search: the id 'opd-1\\n' is accepted",
-)
 def test_room_id_with_trailing_newline_is_refused():
     message = error_of(variant(("rooms.0.id", "opd-1\n")))
     assert message.startswith(f"{SOURCE}: rooms[0].id")

@@ -12,6 +12,7 @@ import pytest
 
 from waiting_room.policy import (
     PROMPT_MAX_DELAY,
+    PROMPT_STREAK_MAX,
     RETRY_AFTER_CAP,
     Action,
     ReconnectSchedule,
@@ -118,11 +119,6 @@ def test_empty_or_missing_overrides_change_nothing():
         assert action_for_close(code, None) is action
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG policy.py:59 overrides are consulted only for a non-None code, so an "
-    "override of 1006 does not apply to a drop reported as None (which the table treats as 1006)",
-)
 def test_override_of_1006_applies_to_a_missing_close_code():
     overrides = {1006: Action.PROMPT}
     assert action_for_close(1006, overrides) is Action.PROMPT
@@ -244,6 +240,16 @@ def test_prompt_is_at_most_one_second(seed):
         decision = s.next(Action.PROMPT)
         assert decision.action is Action.PROMPT
         assert 0 <= decision.delay <= PROMPT_MAX_DELAY == 1.0
+        s.next(Action.PROMPT, healthy=True)  # each prompt reconnect proved healthy
+
+
+def test_endless_4000_falls_back_to_the_backoff():
+    """A server closing every connection with 4000 at once must not get 2 reconnects/s forever."""
+    s = ReconnectSchedule(INITIAL, MAXIMUM, UpperBound())
+    delays = [s.next(Action.PROMPT).delay for _ in range(PROMPT_STREAK_MAX + 4)]
+    assert all(d <= 1.0 for d in delays[:PROMPT_STREAK_MAX])
+    assert delays[PROMPT_STREAK_MAX:] == [1, 2, 4, 8]
+    assert s.next(Action.PROMPT, healthy=True).delay <= 1.0  # a healthy connection: prompt again
 
 
 def test_prompt_is_at_most_the_maximum_when_the_maximum_is_tiny():
@@ -257,7 +263,7 @@ def test_prompt_does_not_grow_the_backoff():
     seen_with, seen_without = [], []
     for _ in range(6):
         seen_with.append(with_prompts.next(Action.BACKOFF).delay)
-        for _ in range(5):
+        for _ in range(PROMPT_STREAK_MAX):
             with_prompts.next(Action.PROMPT)
         seen_without.append(without.next(Action.BACKOFF).delay)
     assert seen_with == seen_without == [1, 2, 4, 8, 16, 32]

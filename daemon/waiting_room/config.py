@@ -257,7 +257,11 @@ _CHOICES: Final = {
 
 
 def _words(msg: str) -> str:
-    return re.sub(r"`(\w+)`", lambda m: _TYPE_WORDS.get(m.group(1), m.group(1)), msg)
+    """msgspec's `float`, `bool | str` -> "a number", "true or false or a string"."""
+    def say(m: re.Match[str]) -> str:
+        return " or ".join(_TYPE_WORDS.get(t.strip(), t.strip()) for t in m.group(1).split("|"))
+
+    return re.sub(r"`([\w |]+)`", say, msg)
 
 
 def _lookup(data: Any, path: list[str | int]) -> tuple[bool, Any]:
@@ -288,9 +292,9 @@ def _describe(exc: msgspec.ValidationError, data: Any) -> str:
     text = str(exc)
     message, _, where = text.partition(" - at `")
     path = _parse_path(where.rstrip("`")) if where else []
-    if m := re.match(r"Object contains unknown field `(.+)`", message):
+    if m := re.match(r"Object contains unknown field `(.+)`", message, re.S):
         return f"{_dotted([*path, m.group(1)])}: unknown key"
-    if m := re.match(r"Object missing required field `(.+)`", message):
+    if m := re.match(r"Object missing required field `(.+)`", message, re.S):
         return f"{_dotted([*path, m.group(1)])}: required key is missing"
     # Our own checks may name a sub-key first ("max: expected ...").
     if m := re.match(r"^([A-Za-z_\[\]0-9.]+): (.*)$", message):
@@ -313,13 +317,15 @@ def _describe(exc: msgspec.ValidationError, data: Any) -> str:
 
 def parse_config(data: Any, source: str = "config") -> Config:
     if data is None:
-        raise ConfigError(f"{source}: the file is empty; expected upstream, rooms and mqtt")
+        raise ConfigError(f"{source}: the file is empty; expected at least upstream and rooms")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     try:
         return msgspec.convert(data, Config, dec_hook=_dec_hook, str_keys=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc, data)}") from None
+        # One line, whatever a quoted YAML key or value holds.
+        line = _describe(exc, data).replace("\r", "\\r").replace("\n", "\\n")
+        raise ConfigError(f"{source}: {line}") from None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

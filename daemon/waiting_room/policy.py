@@ -51,14 +51,18 @@ HANDSHAKE_STATUSES: Final[Mapping[int, Action]] = {
 
 # PROTOCOL.md: "reconnect after a short random delay (at most 1 s)".
 PROMPT_MAX_DELAY: Final = 1.0
+# A server that answers every connection with 4000 gets this many prompt reconnects in a
+# row; after that the ordinary backoff applies until a connection proves healthy.
+PROMPT_STREAK_MAX: Final = 3
 # A hostile or confused Retry-After must not park the daemon for a day.
 RETRY_AFTER_CAP: Final = 600.0
 
 
 def action_for_close(code: int | None, overrides: Mapping[int, Action] | None = None) -> Action:
-    if code is not None and overrides and code in overrides:
+    code = 1006 if code is None else code
+    if overrides and code in overrides:
         return overrides[code]
-    return CLOSE_CODES.get(code if code is not None else 1006, Action.BACKOFF)
+    return CLOSE_CODES.get(code, Action.BACKOFF)
 
 
 def action_for_status(status: int) -> Action:
@@ -104,6 +108,7 @@ class ReconnectSchedule:
         self._rng = rng or random.Random()
         self._caps = self._new_caps()
         self.failures = 0  # consecutive steps since the last reset
+        self._prompt_streak = 0
 
     def _new_caps(self) -> Iterator[float]:
         # backoff.expo yields initial, 2*initial, 4*initial, ... capped at maximum, after
@@ -115,11 +120,14 @@ class ReconnectSchedule:
     def reset(self) -> None:
         self._caps = self._new_caps()
         self.failures = 0
+        self._prompt_streak = 0
 
     def _jittered(self) -> float:
         cap = next(self._caps)
         self.failures += 1
-        return max(self.initial / 10, self._rng.uniform(0, cap))
+        # Full jitter above a floor: the floor stops an unlucky draw from being a tight loop,
+        # drawing above it (rather than clamping to it) keeps a fleet spread out.
+        return self._rng.uniform(min(self.initial / 10, cap), cap)
 
     def next(
         self,
@@ -136,7 +144,9 @@ class ReconnectSchedule:
         """
         if healthy:
             self.reset()
-        if action is Action.PROMPT or (action is Action.REFRESH_TOKEN and token_changed):
+        prompt = action is Action.PROMPT or (action is Action.REFRESH_TOKEN and token_changed)
+        self._prompt_streak = self._prompt_streak + 1 if prompt else 0
+        if prompt and self._prompt_streak <= PROMPT_STREAK_MAX:
             delay = self._rng.uniform(0, min(PROMPT_MAX_DELAY, self.maximum))
         elif action is Action.AT_LEAST_MAX:
             delay = self._rng.uniform(self.maximum, 1.5 * self.maximum)

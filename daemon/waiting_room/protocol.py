@@ -15,7 +15,8 @@ import msgspec
 MAX_FRAME_BYTES: Final = 64 * 1024
 # A waiting room with more patients than this is a server bug, not a queue.
 MAX_PATIENTS: Final = 100_000
-ROOM_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# PROTOCOL.md's pattern, anchored with \Z: "$" would also accept a trailing newline.
+ROOM_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
 _ROOM_ID_RE: Final = re.compile(ROOM_ID_PATTERN)
 
 RoomId = Annotated[str, msgspec.Meta(pattern=ROOM_ID_PATTERN)]
@@ -87,7 +88,10 @@ class FrameDecoder:
     def decode(self, data: str | bytes) -> ServerFrame | Ignored | Dropped:
         if not isinstance(data, str):
             return Dropped("binary frame")
-        if len(data) > MAX_FRAME_BYTES:
+        # Characters first (cheap); UTF-8 bytes only when the text could be over the limit.
+        if len(data) > MAX_FRAME_BYTES or (
+            len(data) * 4 > MAX_FRAME_BYTES and len(data.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES
+        ):
             return Dropped("oversized frame")
         try:
             return self._decoder.decode(data)
@@ -95,12 +99,16 @@ class FrameDecoder:
             return self._classify(data, exc)
         except msgspec.DecodeError:
             return Dropped("not JSON")
+        except RecursionError:
+            return Dropped("nested too deeply")
 
     def _classify(self, data: str, exc: msgspec.ValidationError) -> Ignored | Dropped:
         try:
             frame_type = self._type_only.decode(data).type
-        except msgspec.ValidationError:
+        except (msgspec.ValidationError, msgspec.DecodeError):
             return Dropped("not an object with a string type")
+        except RecursionError:
+            return Dropped("nested too deeply")
         if frame_type not in KNOWN_TYPES:
             return Ignored(frame_type[:32])
         # msgspec's message names the field and the rule, never the offending value.

@@ -54,7 +54,8 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc.rpartition("@")[2]
     query = urllib.parse.urlencode(
         [(k, "***" if k.lower() in ("token", "access_token") else v)
-         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
+        safe="*",
     )
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 

@@ -1,0 +1,88 @@
+"""The daemon as an operator runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import yaml
+from conftest import ROOT, daemon_command
+
+
+def write_config(tmp_path, sim, broker, **extra) -> str:
+    token_file = tmp_path / "token"
+    token_file.write_text("test-token\n")
+    token_file.chmod(0o600)
+    data = {
+        "upstream": {"url": sim.url, "token_file": str(token_file), "backoff": {"initial": "50ms", "max": "300ms"}},
+        "rooms": [{"id": "opd-1", "name": "OPD 1"}, {"id": "lab", "name": "Laboratory"}],
+        "mqtt": {"port": broker.port, "client_id": "wr-proc"},
+        "display": {"enabled": False},
+        **extra,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+async def start_daemon(config: str) -> asyncio.subprocess.Process:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "daemon")}
+    return await asyncio.create_subprocess_exec(
+        *daemon_command("run", "--config", config),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+
+
+async def test_sigterm_stops_cleanly_within_two_seconds(sim, broker, watcher, tmp_path):
+    proc = await start_daemon(write_config(tmp_path, sim, broker))
+    await watcher.wait_topic("waiting-room/opd-1/patients", "5")
+    await watcher.wait_topic("waiting-room/status", "online")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(5):
+        _, err = await proc.communicate()
+    assert time.monotonic() - started < 2.0
+    assert proc.returncode == 0
+    assert b"Traceback" not in err
+    assert b"test-token" not in err
+    await watcher.wait_topic("waiting-room/status", "offline")
+    await sim.wait_until(lambda: sim.close_codes == [1000])
+
+
+async def test_sigint_stops_cleanly(sim, broker, watcher, tmp_path):
+    proc = await start_daemon(write_config(tmp_path, sim, broker))
+    await watcher.wait_topic("waiting-room/upstream", "connected")
+    proc.send_signal(signal.SIGINT)
+    async with asyncio.timeout(5):
+        _, err = await proc.communicate()
+    assert proc.returncode == 0 and b"Traceback" not in err
+
+
+async def test_killed_daemon_shows_offline_through_its_will(sim, broker, watcher, tmp_path):
+    proc = await start_daemon(write_config(tmp_path, sim, broker, mqtt={"port": broker.port, "client_id": "wr-proc", "keepalive": 5}))
+    await watcher.wait_topic("waiting-room/status", "online")
+    await watcher.wait_topic("waiting-room/opd-1/patients", "5")
+    proc.kill()  # SIGKILL: no chance to say goodbye; the broker publishes the will
+    await proc.wait()
+    await watcher.wait_topic("waiting-room/status", "offline", timeout=10)
+
+
+async def test_bad_config_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "config.yaml"
+    bad.write_text("upstream:\n  url: ws://x/\n  token: t\n  backoff: {max: ten}\nrooms: [{id: a}]\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "daemon")}
+    done = subprocess.run(daemon_command("run", "--config", str(bad)), capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f'{bad}: upstream.backoff.max: expected a number > 0 (seconds, or a string like "10s" or "500ms"), got "ten"']
+
+
+async def test_example_config_is_valid():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "daemon")}
+    done = subprocess.run(daemon_command("check", "--config", str(ROOT / "config" / "example.yaml")),
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 0, done.stderr
