@@ -96,7 +96,7 @@ def test_full_example_parses():
     assert m.discovery == "homeassistant"
     assert (m.username, m.password_file, m.ca_file) == (
         "waiting-room", "/etc/waiting-room/mqtt-password", "/etc/ssl/certs/ca.pem")
-    assert m.identifier == "waiting-room-reception"
+    assert m.client_id == "waiting-room-reception"
     assert m.keepalive == 45
 
 

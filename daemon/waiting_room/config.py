@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shlex
-import socket
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -136,11 +135,6 @@ class RoomConfig(_Strict):
         return self.name or self.id
 
 
-def _default_client_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
-    return f"waiting-room-{host}"
-
-
 class MqttConfig(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
@@ -168,10 +162,6 @@ class MqttConfig(_Strict):
     @property
     def discovery(self) -> str | None:
         return self.discovery_prefix if isinstance(self.discovery_prefix, str) else None
-
-    @property
-    def identifier(self) -> str:
-        return self.client_id or _default_client_id()
 
 
 _LOCALE_RE: Final = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")

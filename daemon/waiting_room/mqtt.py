@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import random
+import re
 import socket
 import time
 from datetime import datetime, timezone
@@ -35,6 +36,14 @@ STOP_PUBLISH_TIMEOUT: Final = 1.0
 STABLE_AFTER: Final = 10.0
 
 _encode = msgspec.json.Encoder().encode
+
+
+def client_identifier(cfg: MqttConfig) -> str:
+    """The configured client id, or one derived from the hostname: stable across restarts."""
+    if cfg.client_id:
+        return cfg.client_id
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
+    return f"waiting-room-{host}"
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -99,8 +108,9 @@ class MqttPublisher:
         self._rng = rng or random.Random()
         self._announce_delay = announce_delay
         self.base = cfg.base_topic
+        self.identifier = client_identifier(cfg)
         self.discovery = (
-            Discovery.for_client(cfg.discovery, cfg.base_topic, cfg.identifier) if cfg.discovery else None
+            Discovery.for_client(cfg.discovery, cfg.base_topic, self.identifier) if cfg.discovery else None
         )
 
     @property
@@ -121,7 +131,7 @@ class MqttPublisher:
             self.cfg.port,
             username=self.cfg.username,
             password=password,
-            identifier=self.cfg.identifier,
+            identifier=self.identifier,
             keepalive=self.cfg.keepalive,
             will=aiomqtt.Will(self.status_topic, "offline", qos=1, retain=True),
             tls_params=tls,
@@ -141,7 +151,7 @@ class MqttPublisher:
                 password = await asyncio.to_thread(self._password)
                 async with self._client(password) as client:
                     connected_at = time.monotonic()
-                    log.info("mqtt connected to %s as %s", where, self.cfg.identifier)
+                    log.info("mqtt connected to %s as %s", where, self.identifier)
                     self.store.set_component("mqtt", "connected")
                     await self._connected(client)
             except aiomqtt.MqttError as exc:

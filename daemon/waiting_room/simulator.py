@@ -20,6 +20,7 @@ import random
 import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -571,6 +572,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8765, help="port to listen on (default: %(default)s)")
     parser.add_argument("--rooms", default="opd-1,lab", help="comma-separated room ids (default: %(default)s)")
     parser.add_argument("--token", default=None, help="bearer token clients must present (default: no auth)")
+    parser.add_argument("--token-file", default=None,
+                        help="read the token from this file (keeps it out of the process list)")
     parser.add_argument("--heartbeat", type=float, default=15.0, help="ping interval in seconds (default: %(default)s)")
     parser.add_argument("--tick", type=float, default=3.0,
                         help="mean seconds between queue changes, 0 to freeze (default: %(default)s)")
@@ -583,9 +586,12 @@ async def run_from_args(
 ) -> None:
     """Run until cancelled, then stop cleanly. ``on_ready`` lets tests find the simulator."""
     rooms = tuple(room.strip() for room in args.rooms.split(",") if room.strip())
+    token = args.token
+    if getattr(args, "token_file", None):
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
     simulator = Simulator(
         rooms,
-        token=args.token,
+        token=token,
         heartbeat=args.heartbeat,
         tick=args.tick,
         seed=args.seed,

@@ -1,0 +1,70 @@
+"""Dependencies point one way: pure modules import no I/O; consumers never import each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "waiting_room"
+
+PURE = {"protocol", "policy", "config", "model", "discovery"}
+CONSUMERS = {"mqtt", "display", "systemd", "statefile"}
+IO_MODULES = {"asyncio", "socket", "websockets", "aiomqtt", "subprocess"}
+
+
+def imports_of(path: Path) -> tuple[set[str], set[str]]:
+    """(project modules, third-party/stdlib top-level modules) imported by a file."""
+    tree = ast.parse(path.read_text())
+    ours, theirs = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from .x import y / from . import x
+                if node.module:
+                    ours.add(node.module.split(".")[0])
+                else:
+                    ours.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("waiting_room"):
+                parts = node.module.split(".")
+                ours.add(parts[1] if len(parts) > 1 else "__init__")
+            elif node.module:
+                theirs.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            theirs.update(a.name.split(".")[0] for a in node.names)
+    return ours, theirs
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0].removesuffix(".py")
+
+
+def test_pure_modules_do_no_io():
+    for name in PURE:
+        ours, theirs = imports_of(PACKAGE / f"{name}.py")
+        assert not theirs & IO_MODULES, f"{name} imports {theirs & IO_MODULES}"
+
+
+def test_config_and_protocol_import_nothing_of_the_project_but_protocol():
+    assert imports_of(PACKAGE / "protocol.py")[0] == set()
+    assert imports_of(PACKAGE / "config.py")[0] <= {"protocol"}
+
+
+def test_store_imports_only_the_model():
+    assert imports_of(PACKAGE / "store.py")[0] <= {"model", "protocol"}
+
+
+def test_consumers_never_import_each_other_nor_the_upstream():
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        if name not in CONSUMERS:
+            continue
+        ours, _ = imports_of(path)
+        assert not ours & (CONSUMERS - {name}), f"{path} imports {ours & CONSUMERS}"
+        assert "upstream" not in ours and "app" not in ours and "cli" not in ours, path
+
+
+def test_only_the_composition_root_wires_things():
+    for path in PACKAGE.rglob("*.py"):
+        if module_name(path) in ("app", "cli", "__main__"):
+            continue
+        assert "app" not in imports_of(path)[0], path
