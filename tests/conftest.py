@@ -185,12 +185,11 @@ async def running(config: Config) -> AsyncIterator["App"]:
     from waiting_room.app import App
 
     app = App(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(app.run(stop))
+    task = asyncio.create_task(app.run())
     try:
         yield app
     finally:
-        stop.set()
+        app.request_stop()
         async with asyncio.timeout(5):
             await task
 

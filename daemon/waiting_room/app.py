@@ -1,34 +1,161 @@
-"""Composition root: builds the store, the upstream client and the consumers, and stops
-them in order (upstream socket closed with 1000 first, then MQTT says ``offline``)."""
+"""Composition root: builds the store, the upstream client and the consumers, starts them in
+one TaskGroup, applies reloads, and stops them in order (upstream socket closed with 1000
+first, then MQTT says ``offline``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+from typing import Callable, Coroutine, Literal
 
-from .config import Config
+from .config import Config, ConfigError, load_config
+from .display.server import DisplayService
 from .mqtt import MqttPublisher
+from .statefile import StateFile, state_directory
 from .store import RoomStore
+from .systemd import Notifier, SystemdService
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
+Command = Literal["stop", "reload"]
+
 
 class App:
-    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        notifier: Notifier | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
+        self.rng = rng
         self.store = RoomStore((r.id, r.title) for r in config.rooms)
         self.upstream = Upstream(config.upstream, config.room_ids, self.store, rng=rng)
         self.mqtt = MqttPublisher(config.mqtt, self.store, rng=rng)
+        self.display = self._display(config)
+        self.notifier = notifier or Notifier()
+        self.systemd = SystemdService(self.store, self.notifier)
+        directory = state_directory(config.state_dir)
+        self.state_file = StateFile(directory, self.store) if directory else None
+        self._commands: asyncio.Queue[Command] = asyncio.Queue()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Runs until ``stop`` is set; a crash of any part propagates (systemd restarts us)."""
+    def _display(self, config: Config) -> DisplayService | None:
+        if not config.display.enabled and not config.display.command:
+            return None
+        return DisplayService(config.display, config.rooms, self.store)
+
+    # -- control (signal handlers and tests) ------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._commands.put_nowait("stop")
+
+    def request_reload(self) -> None:
+        self._commands.put_nowait("reload")
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _start(self, name: str, factory: Callable[[], Coroutine[object, object, None]]) -> None:
+        assert self._tg is not None
+        self._tasks[name] = self._tg.create_task(factory(), name=name)
+
+    async def _stop_task(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def run(self) -> None:
+        """Until request_stop(); a crash of any part propagates (systemd restarts us)."""
+        if self.state_file is not None:
+            restored = self.state_file.restore()
+            if restored:
+                log.info("restored the last known values of %d rooms (stale until fresh data)", restored)
         async with asyncio.TaskGroup() as tg:
-            upstream = tg.create_task(self.upstream.run(), name="upstream")
-            mqtt = tg.create_task(self.mqtt.run(), name="mqtt")
-            await stop.wait()
+            self._tg = tg
+            self._start("mqtt", self.mqtt.run)
+            if self.display is not None:
+                self._start("display", self.display.run)
+                await self._display_ready()
+            self._start("upstream", self.upstream.run)
+            if self.state_file is not None:
+                self._start("statefile", self.state_file.run)
+            self._start("systemd", self.systemd.run)
+            # Ready: config loaded, MQTT and the display started; the upstream may be down.
+            self.notifier.ready(self.systemd.current_status())
+            while await self._commands.get() != "stop":
+                await self._reload()
             log.info("stopping")
-            for task in (upstream, mqtt):
-                task.cancel()
-                await asyncio.wait({task})
+            self.notifier.stopping()
+            for name in ("upstream", "display", "statefile", "mqtt", "systemd"):
+                await self._stop_task(name)
+            self._tg = None
+
+    async def _display_ready(self) -> None:
+        assert self.display is not None
+        task = self._tasks["display"]
+        ready = asyncio.ensure_future(self.display.ready.wait())
+        try:
+            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if task.done():
+            task.result()  # a display that cannot listen is a start-up failure: raise it
+
+    # -- reload (SIGHUP) --------------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        self.notifier.reloading()
+        if self.config_path is None:
+            self.notifier.ready(self.systemd.current_status())
+            return
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            self.systemd.note = "reload refused (see the log)"
+            self.notifier.ready(self.systemd.current_status())
+            return
+        self.systemd.note = None
+        await self.apply(new)
+        self.notifier.ready(self.systemd.current_status())
+
+    async def apply(self, new: Config) -> None:
+        """Changes only what changed: rooms are joined or left on the live socket, upstream
+        settings reconnect make-before-break, MQTT or display settings restart that part."""
+        old = self.config
+        self.config = new
+        added, removed = self.store.configure((r.id, r.title) for r in new.rooms)
+        await self.upstream.set_rooms(new.room_ids)
+        if added or removed:
+            log.info("reload: rooms added %s, removed %s", added or "none", removed or "none")
+        if new.upstream != old.upstream:
+            log.info("reload: new upstream settings, switching connections make-before-break")
+            self.upstream.reconfigure(new.upstream)
+        if new.mqtt != old.mqtt:
+            log.info("reload: new MQTT settings, reconnecting to the broker")
+            await self._stop_task("mqtt")
+            self.mqtt = MqttPublisher(new.mqtt, self.store, rng=self.rng)
+            self._start("mqtt", self.mqtt.run)
+        if new.display != old.display:
+            log.info("reload: new display settings, restarting the display service")
+            await self._stop_task("display")
+            self.display = self._display(new)
+            if self.display is not None:
+                self._start("display", self.display.run)
+        elif self.display is not None and new.rooms != old.rooms:
+            self.display.update_rooms(new.rooms)
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(new.log_level.upper())
+        new_dir = state_directory(new.state_dir)
+        if new_dir != (self.state_file.path.parent if self.state_file else None):
+            await self._stop_task("statefile")
+            self.state_file = StateFile(new_dir, self.store) if new_dir else None
+            if self.state_file is not None:
+                self._start("statefile", self.state_file.run)

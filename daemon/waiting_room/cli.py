@@ -20,25 +20,26 @@ EXIT_CONFIG = 2
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from .systemd import log_handler
+
+    root = logging.getLogger()
+    root.handlers[:] = [log_handler()]
+    root.setLevel(level.upper())
     # Third-party chatter stays out of the journal unless it is a real problem; the
     # websockets handshake logger is never allowed to DEBUG (it would print the token).
     for noisy in ("websockets", "waiting_room.wire", "waiting_room.mqtt.client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, path: str) -> None:
     from .app import App
 
-    stop = asyncio.Event()
+    app = App(config, config_path=path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await App(config).run(stop)
+        loop.add_signal_handler(sig, app.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, app.request_reload)
+    await app.run()
 
 
 def _load(path: str) -> Config:
@@ -52,7 +53,7 @@ def _load(path: str) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     _setup_logging(args.log_level or config.log_level)
-    asyncio.run(_run(config))
+    asyncio.run(_run(config, args.config))
     return 0
 
 

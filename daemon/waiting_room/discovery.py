@@ -101,10 +101,12 @@ class Discovery:
             "origin": {"name": "waiting-room", "sw_version": __version__},
         }
 
+    def room_message(self, room: str, name: str) -> Message:
+        return Message(self.room_topic(room), json.dumps(self.room_config(room, name), ensure_ascii=False))
+
     def messages(self, rooms: Iterable[tuple[str, str]]) -> list[Message]:
         out = [Message(self.upstream_topic, json.dumps(self.upstream_config(), ensure_ascii=False))]
-        for room, name in rooms:
-            out.append(Message(self.room_topic(room), json.dumps(self.room_config(room, name), ensure_ascii=False)))
+        out.extend(self.room_message(room, name) for room, name in rooms)
         return out
 
     def removal(self, room: str) -> Message:

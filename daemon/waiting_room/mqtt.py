@@ -81,6 +81,14 @@ async def publish(
         raise aiomqtt.MqttError(f"publish to {topic} timed out") from None
 
 
+def _raise_if_cancelled() -> None:
+    """aiomqtt connects under ``asyncio.wait_for``, which on 3.11 can swallow a cancel that
+    arrives as the broker answers: honour the pending cancellation ourselves."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def subscribe(client: aiomqtt.Client, topic: str) -> None:
     try:
         async with asyncio.timeout(NETWORK_TIMEOUT):
@@ -150,6 +158,7 @@ class MqttPublisher:
             try:
                 password = await asyncio.to_thread(self._password)
                 async with self._client(password) as client:
+                    _raise_if_cancelled()
                     connected_at = time.monotonic()
                     log.info("mqtt connected to %s as %s", where, self.identifier)
                     self.store.set_component("mqtt", "connected")
@@ -203,6 +212,7 @@ class MqttPublisher:
         base = self.base
         published: dict[str, int | None] = {}
         upstream: str | None = None
+        known: set[str] | None = None  # rooms announced on this connection
         with self.store.subscribe() as changes:
             async for batch in changes:
                 if batch.link is not None:
@@ -215,10 +225,16 @@ class MqttPublisher:
                         await self._forget(client, room)
                         published.pop(room, None)
                         continue
+                    if known is not None and room not in known and self.discovery is not None:
+                        # A room added by a reload: announce it (the first batch is the
+                        # replay, announced as a whole at connect).
+                        message = self.discovery.room_message(room, state.name)
+                        await publish(client, message.topic, message.payload, qos=1)
                     if state.patients is not None and published.get(room) != state.patients:
                         await publish(client, f"{base}/{room}/patients", str(state.patients))
                         published[room] = state.patients
                     await publish(client, f"{base}/{room}/state", state_payload(state))
+                known = set(self.store.rooms)
 
     async def _forget(self, client: aiomqtt.Client, room: str) -> None:
         """A room taken out of the config: clear its retained topics and its discovery entry."""

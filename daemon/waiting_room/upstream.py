@@ -289,20 +289,45 @@ class Upstream:
         *,
         rng: random.Random | None = None,
     ) -> None:
-        self.cfg = cfg
         self.room_ids: tuple[str, ...] = tuple(room_ids)
         self.store = store
+        self._rng = rng
+        self._bad_frames = RateLimitedLog(log)
+        self._session: _Session | None = None
+        self._rotation_retry_at = 0.0
+        # Set by reconfigure(): cuts a backoff pause short, or starts a make-before-break.
+        self._reconfigured = asyncio.Event()
+        self._apply(cfg)
+
+    def _apply(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
         self.tokens = TokenSource(
             literal=cfg.token,
             file=cfg.token_file,
             command=tuple(cfg.token_argv) if cfg.token_argv else None,
             credential=cfg.token_credential,
         )
-        self.schedule = ReconnectSchedule(cfg.backoff.initial, cfg.backoff.max, rng)
+        self.schedule = ReconnectSchedule(cfg.backoff.initial, cfg.backoff.max, self._rng)
         self._overrides = {code: Action(name) for code, name in cfg.close_codes.items()}
-        self._bad_frames = RateLimitedLog(log)
-        self._session: _Session | None = None
+
+    def reconfigure(self, cfg: UpstreamConfig) -> None:
+        """New settings (URL, token source, ...): the live connection is replaced
+        make-before-break; while disconnected, the next attempt starts now."""
+        if cfg == self.cfg:
+            return
+        self._apply(cfg)
         self._rotation_retry_at = 0.0
+        self._reconfigured.set()
+
+    async def _pause(self, delay: float) -> None:
+        """The backoff sleep, cut short by reconfigure()."""
+        self._reconfigured.clear()
+        try:
+            async with asyncio.timeout(delay):
+                await self._reconfigured.wait()
+        except TimeoutError:
+            pass
+        self._reconfigured.clear()
 
     # -- called by sessions ---------------------------------------------------------------
 
@@ -335,11 +360,11 @@ class Upstream:
             while True:
                 session, delay = await self._attempt(loop, tg)
                 if session is None:
-                    await asyncio.sleep(delay)
+                    await self._pause(delay)
                     continue
                 await self._serve(session, tg)
                 delay = await self._after_close(session)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
 
     async def _read_token(self) -> str:
         return await asyncio.to_thread(self.tokens.read)
@@ -468,9 +493,19 @@ class Upstream:
                 waits.append(float(self.cfg.token_check))
             if renew_at is not None:
                 waits.append(max(renew_at - time.time(), 0.0))
-            if not waits:  # a literal token without exp: nothing will ever be due
-                await asyncio.Event().wait()
-            await asyncio.sleep(max(min(waits), self._rotation_retry_at - time.monotonic()))
+            wait = max(min(waits), self._rotation_retry_at - time.monotonic()) if waits else None
+            try:
+                async with asyncio.timeout(wait):  # None: a literal token without exp
+                    await self._reconfigured.wait()
+                self._reconfigured.clear()
+            except TimeoutError:
+                pass
+            else:
+                try:
+                    return await self._read_token()  # new settings: switch even to the same token
+                except SecretError as exc:
+                    log.warning("new upstream settings: %s; keeping the current connection", exc)
+                    continue
             if time.monotonic() < self._rotation_retry_at:
                 continue
             due = renew_at is not None and time.time() >= renew_at

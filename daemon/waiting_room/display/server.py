@@ -103,6 +103,11 @@ class DisplayService:
         self._token: bytes | None = None
         self._slow = RateLimitedLog(log)
 
+    def update_rooms(self, rooms: Iterable[RoomConfig]) -> None:
+        """A reload changed the rooms: pages and ``/ws`` follow at once, and open pages learn
+        of added and removed rooms through the store (which the reload has already updated)."""
+        self.rooms = {r.id: r for r in rooms}
+
     @property
     def url(self) -> str | None:
         if self.port is None:
