@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Callable, Coroutine, Literal
+from typing import Callable, Coroutine, Final, Literal
 
 from .config import Config, ConfigError, load_config
 from .display.server import DisplayService
@@ -20,6 +20,7 @@ from .upstream import Upstream
 log = logging.getLogger(__name__)
 
 Command = Literal["stop", "reload"]
+STOP_RETRY: Final = 0.5
 
 
 class App:
@@ -67,9 +68,11 @@ class App:
 
     async def _stop_task(self, name: str) -> None:
         task = self._tasks.pop(name, None)
-        if task is not None:
+        while task is not None and not task.done():
+            # Asked again if need be: on Python 3.11, asyncio.wait_for (used inside aiomqtt)
+            # can swallow a cancellation that races with the awaited result.
             task.cancel()
-            await asyncio.wait({task})
+            await asyncio.wait({task}, timeout=STOP_RETRY)
 
     async def run(self) -> None:
         """Until request_stop(); a crash of any part propagates (systemd restarts us)."""

@@ -81,14 +81,6 @@ async def publish(
         raise aiomqtt.MqttError(f"publish to {topic} timed out") from None
 
 
-def _raise_if_cancelled() -> None:
-    """aiomqtt connects under ``asyncio.wait_for``, which on 3.11 can swallow a cancel that
-    arrives as the broker answers: honour the pending cancellation ourselves."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 async def subscribe(client: aiomqtt.Client, topic: str) -> None:
     try:
         async with asyncio.timeout(NETWORK_TIMEOUT):
@@ -158,7 +150,6 @@ class MqttPublisher:
             try:
                 password = await asyncio.to_thread(self._password)
                 async with self._client(password) as client:
-                    _raise_if_cancelled()
                     connected_at = time.monotonic()
                     log.info("mqtt connected to %s as %s", where, self.identifier)
                     self.store.set_component("mqtt", "connected")
