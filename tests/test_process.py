@@ -86,3 +86,31 @@ async def test_example_config_is_valid():
     done = subprocess.run(daemon_command("check", "--config", str(ROOT / "config" / "example.yaml")),
                           capture_output=True, text=True, env=env, timeout=30)
     assert done.returncode == 0, done.stderr
+
+
+async def test_status_command_summarises_a_running_daemon(sim, broker, watcher):
+    from conftest import make_config, running
+
+    config = make_config(sim.url, broker.port, display={"listen": "127.0.0.1:0"})
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "daemon")}
+    async with running(config) as app:
+        await watcher.wait_topic("waiting-room/upstream", "connected")
+        await watcher.wait_topic("waiting-room/status", "online")
+        url = f"http://127.0.0.1:{app.display.port}"
+        proc = await asyncio.create_subprocess_exec(*daemon_command("status", "--url", url), env=env,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out
+        text = out.decode()
+        assert f"waiting-room at {url}: healthy" in text
+        assert "upstream: connected" in text and "mqtt: connected" in text and "rooms: 2" in text
+        await sim.stop()
+        await watcher.wait_topic("waiting-room/upstream", "disconnected")
+        proc = await asyncio.create_subprocess_exec(*daemon_command("status", "--url", url), env=env,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 1 and "UNHEALTHY" in out.decode()
+    proc = await asyncio.create_subprocess_exec(*daemon_command("status", "--url", url), env=env,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 3 and b"unreachable" in err

@@ -1,4 +1,4 @@
-"""``waiting-room run | check | simulate``: argument parsing, logging and exit codes.
+"""``waiting-room run | check | status | simulate``: argument parsing, logging and exit codes.
 
 Exit status 2 means the configuration (or the command line) is wrong: one line on stderr
 names the file, the key and what was expected.
@@ -74,6 +74,67 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_health(doc: dict, url: str, now: float) -> str:
+    """The /healthz document as a few human lines."""
+    import time as _time
+
+    up = doc.get("upstream", {})
+    since = up.get("since")
+    when = _time.strftime("%H:%M:%S", _time.localtime(since)) if isinstance(since, (int, float)) else "?"
+    lines = [f"waiting-room at {url}: {'healthy' if doc.get('status') == 'ok' else 'UNHEALTHY'}"]
+    detail = f", {up['detail']}" if up.get("detail") else ""
+    lines.append(f"  upstream: {up.get('status', '?')} since {when}{detail}")
+    for name, state in sorted(doc.get("components", {}).items()):
+        lines.append(f"  {name}: {state}")
+    rooms = doc.get("rooms", {})
+    parts = []
+    for room, info in rooms.items():
+        if info.get("error"):
+            parts.append(f"{room} refused ({info['error']})")
+        elif info.get("age") is None:
+            parts.append(f"{room} no data yet")
+        else:
+            parts.append(f"{room} {info['age']:.0f} s ago{' (stale)' if info.get('stale') else ''}")
+    shown = ", ".join(parts[:10]) + (f", and {len(parts) - 10} more" if len(parts) > 10 else "")
+    lines.append(f"  rooms: {len(rooms)}{': ' + shown if shown else ''}")
+    if doc.get("dropped_frames"):
+        lines.append(f"  bad frames dropped: {doc['dropped_frames']}")
+    if doc.get("problems"):
+        lines.append(f"  problems: {'; '.join(doc['problems'])}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 healthy, 1 unhealthy, 3 unreachable (2 stays "bad configuration")."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if url is None:
+        listen = _load(args.config).display.listen if args.config else "127.0.0.1:8080"
+        host, _, port = listen.rpartition(":")
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host in ("::", "[::]") else host.strip("[]")
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    url = url.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=args.timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:  # 503 carries the same document
+        body = exc.read()
+    except (OSError, ValueError) as exc:
+        print(f"waiting-room at {url}: unreachable ({getattr(exc, 'reason', exc)})", file=sys.stderr)
+        return 3
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        print(f"waiting-room at {url}: not a waiting-room health document", file=sys.stderr)
+        return 3
+    print(format_health(doc, url, time.time()))
+    return 0 if doc.get("status") == "ok" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="waiting-room", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"waiting-room {__version__}")
@@ -87,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a configuration file without connecting")
     check.add_argument("--config", "-c", required=True)
     check.set_defaults(func=cmd_check)
+
+    status = sub.add_parser("status", help="a short summary of a running daemon (from its /healthz)")
+    status.add_argument("--config", "-c", help="find the daemon's display address in this config")
+    status.add_argument("--url", help="the daemon's display service, e.g. http://127.0.0.1:8080")
+    status.add_argument("--timeout", type=float, default=5.0)
+    status.set_defaults(func=cmd_status)
 
     from . import simulator
 
