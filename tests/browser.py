@@ -1,4 +1,5 @@
-"""Playwright helpers for the display tests: Debian's Chromium, headless, nothing downloaded.
+"""Helpers for the display tests: Playwright on Debian's Chromium, a display service of the
+test's own in its event loop, and raw HTTP.
 
 Playwright only drives the browser here (``executable_path``); ``playwright install`` is never
 needed. Without Chromium or Playwright the browser tests skip with the reason, except under
@@ -45,7 +46,7 @@ def require_browser() -> None:
     missing = _missing()
     if missing is None:
         return
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"browser tests cannot run under CI: {missing}", pytrace=False)
     pytest.skip(f"browser tests skipped: {missing}")
 
@@ -116,14 +117,18 @@ async def layout_report(page: Any) -> dict[str, Any]:
                         fontSize: parseFloat(getComputedStyle(el).fontSize),
                         scrollWidth: el.scrollWidth, clientWidth: el.clientWidth};
             });
+            const cards = [...document.querySelectorAll('[data-room]')].map(el => ({
+                room: el.dataset.room, scrollHeight: el.scrollHeight, clientHeight: el.clientHeight,
+                scrollWidth: el.scrollWidth, clientWidth: el.clientWidth}));
             return {width: window.innerWidth, height: window.innerHeight,
-                    scrollWidth: doc.scrollWidth, scrollHeight: doc.scrollHeight, boxes};
+                    scrollWidth: doc.scrollWidth, scrollHeight: doc.scrollHeight, boxes, cards};
         }"""
     )
 
 
 def assert_fits(report: dict[str, Any]) -> None:
-    """Every number fully inside the viewport, not clipped, and nothing to scroll."""
+    """Every number fully inside the viewport, not clipped, no room's text cut off, and
+    nothing to scroll."""
     w, h = report["width"], report["height"]
     assert report["scrollWidth"] <= w and report["scrollHeight"] <= h, f"the page scrolls: {report}"
     assert report["boxes"], "no [data-role=patients] element"
@@ -132,6 +137,9 @@ def assert_fits(report: dict[str, Any]) -> None:
         assert box["left"] >= 0 and box["top"] >= 0, f"number outside the viewport: {box} in {w}x{h}"
         assert box["right"] <= w and box["bottom"] <= h, f"number outside the viewport: {box} in {w}x{h}"
         assert box["scrollWidth"] <= box["clientWidth"] + 1, f"number clipped: {box}"
+    for card in report["cards"]:
+        assert card["scrollHeight"] <= card["clientHeight"] + 1, f"a room's text overflows its cell: {card}"
+        assert card["scrollWidth"] <= card["clientWidth"] + 1, f"a room's text overflows its cell: {card}"
 
 
 async def platform_fonts(page: Any, selector: str) -> list[str]:

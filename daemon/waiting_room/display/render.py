@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final, Iterable, Mapping
 
 import msgspec
@@ -27,10 +28,10 @@ LOCALES_DIR: Final = HERE / "locales"
 DEFAULT_LOCALE: Final = "en"
 
 # The only files a browser can ever get from static/: a fixed whitelist, never a path join.
-STATIC_FILES: Final = {
+STATIC_FILES: Final = MappingProxyType({
     "display.js": "text/javascript; charset=utf-8",
     "display.css": "text/css; charset=utf-8",
-}
+})
 
 _LOCALE_NAME: Final = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 _PLACEHOLDER: Final = re.compile(r"\{\{(\w+)\}\}")
@@ -157,7 +158,7 @@ class PageOptions:
 
     heartbeat: float
     backoff_initial: float = 1.0
-    backoff_max: float = 30.0
+    backoff_max: float = 10.0  # as the daemon's own upstream.backoff.max
     stable_after: float = 10.0
 
 

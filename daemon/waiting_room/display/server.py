@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Final, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -117,15 +117,30 @@ class DisplayService:
         return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{self.port}/"
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            if self.signs is not None:
-                tg.create_task(self.signs.run(), name="display-signs")
-            if self.cfg.enabled:
-                tg.create_task(self._serve(), name="display-http")
-            else:
-                self.ready.set()
+        # Listening comes first and outside the TaskGroup: a busy port is a plain OSError
+        # that App reports as a start-up failure.
+        server = await self._listen() if self.cfg.enabled else None
+        try:
+            if server is not None:
+                self.port = server.sockets[0].getsockname()[1]
+                log.info("display: pages at %s (one room: %srooms/<id>)", self.url, self.url)
+            self.ready.set()
+            async with asyncio.TaskGroup() as tg:
+                if self.signs is not None:
+                    tg.create_task(self.signs.run(), name="display-signs")
+                await asyncio.Future()  # until cancelled
+        finally:
+            self.ready.clear()
+            if server is not None:
+                # Every page is closed with 1001 (going away): it shows "offline" at once.
+                server.close()
+                try:
+                    async with asyncio.timeout(CLOSE_TIMEOUT + 3):
+                        await server.wait_closed()
+                except TimeoutError:
+                    log.warning("display: some pages did not close in time")
 
-    async def _serve(self) -> None:
+    async def _listen(self) -> Server:
         self._assets = await asyncio.to_thread(render.load_assets)
         token = await asyncio.to_thread(read_access_token, self.cfg)
         self._token = token.encode() if token is not None else None
@@ -139,26 +154,24 @@ class DisplayService:
                 "display: listening on %s without display.access_token: anyone who can reach it sees the pages",
                 self.cfg.listen,
             )
-        async with serve(
-            self._connection,
-            self.cfg.host,
-            self.cfg.port,
-            process_request=self._route,
-            server_header=None,
-            max_size=MAX_INCOMING,
-            max_queue=4,
-            ping_interval=PING_INTERVAL,
-            ping_timeout=PING_INTERVAL,
-            open_timeout=OPEN_TIMEOUT,
-            close_timeout=CLOSE_TIMEOUT,
-        ) as server:
-            self.port = server.sockets[0].getsockname()[1]
-            log.info("display: pages at %s (one room: %srooms/<id>)", self.url, self.url)
-            self.ready.set()
-            try:
-                await asyncio.Future()  # until cancelled; leaving closes every page with 1001
-            finally:
-                self.ready.clear()
+        try:
+            return await serve(
+                self._connection,
+                self.cfg.host,
+                self.cfg.port,
+                process_request=self._route,
+                process_response=self._finish,
+                server_header=None,
+                max_size=MAX_INCOMING,
+                max_queue=4,
+                ping_interval=PING_INTERVAL,
+                ping_timeout=PING_INTERVAL,
+                open_timeout=OPEN_TIMEOUT,
+                close_timeout=CLOSE_TIMEOUT,
+            )
+        except OSError as exc:
+            log.error("display: cannot listen on %s: %s", self.cfg.listen, exc.strerror or exc)
+            raise
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -181,6 +194,14 @@ class DisplayService:
             ]
         )
         return Response(status, phrase, headers, body)
+
+    @staticmethod
+    def _finish(connection: ServerConnection, request: Request, response: Response) -> None:
+        """websockets' own refusals (e.g. 426 for a plain GET of /ws) get the headers too."""
+        if response.status_code != 101:
+            for name, value in render.SECURITY_HEADERS:
+                if name not in response.headers:
+                    response.headers[name] = value
 
     def _message(self, status: int, title: str, message: str) -> Response:
         return self._respond(
