@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
 import aiomqtt
 import pytest
@@ -22,6 +22,9 @@ import yaml
 
 from waiting_room.config import Config, parse_config
 from waiting_room.simulator import Simulator
+
+if TYPE_CHECKING:
+    from waiting_room.app import App
 
 ROOT = Path(__file__).resolve().parent.parent
 

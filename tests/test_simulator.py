@@ -215,7 +215,7 @@ async def test_silent_sends_nothing_but_keeps_tcp() -> None:
             assert await recv_type(ws, "ping") == {"type": "ping"}
             await sim.send_raw("raw frame")  # explicit test actions work regardless
             async with asyncio.timeout(DEADLINE):
-                while (message := await ws.recv()) != "raw frame":
+                while await ws.recv() != "raw frame":
                     pass
 
 

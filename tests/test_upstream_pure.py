@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from waiting_room.upstream import RateLimitedLog, parse_ts, redact_url, url_with_token
+from waiting_room.logutil import RateLimitedLog
+from waiting_room.upstream import parse_ts, redact_url, url_with_token
 
 SECRET = "s3cr3t-T0KEN"
 

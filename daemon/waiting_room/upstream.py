@@ -14,14 +14,14 @@ import random
 import time
 import urllib.parse
 from datetime import datetime, timezone
-from typing import Callable, Final, Iterable
+from typing import Final, Iterable
 
-import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from . import protocol
 from .config import UpstreamConfig
+from .logutil import RateLimitedLog
 from .credentials import SecretError, TokenSource, file_signature, jwt_expiry
 from .model import LinkStatus
 from .policy import Action, ReconnectSchedule, action_for_close, action_for_status, parse_retry_after
@@ -77,29 +77,6 @@ def parse_ts(ts: str | None) -> float | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
-
-
-class RateLimitedLog:
-    """Logs the first of a kind of problem, then at most once per interval with a count."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self._log = logger
-        self._interval = interval
-        self._clock = clock
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = self._clock()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += " (and %d more in the last %.0f s)"
-            args = (*args, self._suppressed, self._interval)
-        self._suppressed = 0
-        self._next = now + self._interval
-        self._log.warning(msg, *args)
 
 
 class _Session:
@@ -159,7 +136,6 @@ class _Session:
 
     async def _read(self) -> None:
         up = self.up
-        store = up.store
         decode = self._decoder.decode
         loop_time = self._loop.time
         async for message in self.ws:

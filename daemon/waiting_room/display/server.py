@@ -16,7 +16,6 @@ import http
 import ipaddress
 import logging
 import time
-from pathlib import Path
 from typing import Callable, Final, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,11 +24,13 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ..credentials import SecretError, read_secret_file
 from ..config import DisplayConfig, RoomConfig
 from ..store import RoomStore, Subscription
 from . import render
 from .render import Assets, PageOptions
-from .signs import RateLimitedLog, SignDriver
+from ..logutil import RateLimitedLog
+from .signs import SignDriver
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,9 @@ def read_access_token(cfg: DisplayConfig) -> str | None:
     if cfg.access_token_file is None:
         return None
     try:
-        token = Path(cfg.access_token_file).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
-        raise AccessTokenError(f"display.access_token_file {cfg.access_token_file}: {reason}") from None
-    if not token:
-        raise AccessTokenError(f"display.access_token_file {cfg.access_token_file}: empty")
-    return token
+        return read_secret_file(cfg.access_token_file, "display.access_token_file")
+    except SecretError as exc:
+        raise AccessTokenError(str(exc)) from None
 
 
 def is_loopback(host: str) -> bool:

@@ -15,12 +15,13 @@ import logging
 import os
 import re
 import signal
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Final, NamedTuple, Sequence
+from typing import Final, NamedTuple, Sequence
 
 from ..model import RoomState
 from ..store import RoomStore
+
+from ..logutil import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -28,29 +29,6 @@ _FIELD: Final = re.compile(r"\{(room|name|patients|now_serving|state)\}")
 STDERR_KEPT: Final = 2048
 KILL_WAIT: Final = 5.0
 RETRY_MAX: Final = 60.0
-
-
-class RateLimitedLog:
-    """The first warning of a kind, then at most one per interval carrying a count."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self._log = logger
-        self._interval = interval
-        self._clock = clock
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = self._clock()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += " (and %d more in the last %.0f s)"
-            args = (*args, self._suppressed, self._interval)
-        self._suppressed = 0
-        self._next = now + self._interval
-        self._log.warning(msg, *args)
 
 
 class SignValues(NamedTuple):
