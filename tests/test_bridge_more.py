@@ -6,7 +6,6 @@ import base64
 import json
 import logging
 import sys
-import time
 
 import pytest
 from conftest import make_config, running, wait_store
