@@ -289,3 +289,21 @@ def test_state_directory_from_systemd(monkeypatch):
     assert state_directory(None, {"STATE_DIRECTORY": "/var/lib/waiting-room:/other"}) == Path("/var/lib/waiting-room")
     assert state_directory("/srv/x", {"STATE_DIRECTORY": "/var/lib/waiting-room"}) == Path("/srv/x")
     assert state_directory(None, {}) is None
+
+
+def test_log_handler_follows_journal_stream(monkeypatch):
+    import logging
+    import sys
+
+    from waiting_room import systemd as sd
+
+    st = os.fstat(sys.stderr.fileno())
+    plain = sd.log_handler({})
+    assert isinstance(plain, logging.StreamHandler)
+    record = logging.LogRecord("waiting_room.upstream", logging.WARNING, __file__, 1, "lost", (), None)
+    assert not plain.format(record).startswith("<")
+    monkeypatch.setattr(sd, "_sd_journal", None)
+    journal = sd.log_handler({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    assert journal.format(record) == "<4>waiting_room.upstream: lost"  # priority for journald
+    other = sd.log_handler({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})  # inherited, not ours
+    assert not other.format(record).startswith("<")

@@ -193,7 +193,8 @@ class _Session:
             return  # a single-room server feeds its room without joins
         code = frame.code if frame.code in ("unknown_room", "forbidden") else "error"
         if self.up.store.set_room_error(room, code):
-            log.warning("upstream refused room %s: %s; asking again in %.0f s", room, code, self.up.cfg.room_retry)
+            log.warning("upstream refused room %s: %s; asking again in %.0f s", room, code,
+                        self.up.cfg.room_retry, extra={"ROOM": room, "ROOM_ERROR": code})
         self.joined.discard(room)
         self._retry_at[room] = self._loop.time() + self.up.cfg.room_retry
         self._retry_wake.set()
@@ -364,8 +365,9 @@ class Upstream:
             user_agent_header="waiting-room",
         )
 
-    def _failed(self, status: LinkStatus, detail: str, delay: float) -> None:
-        log.warning("upstream %s; retrying in %.1f s", detail, delay)
+    def _failed(self, status: LinkStatus, detail: str, delay: float, **fields: object) -> None:
+        """``fields`` become structured journal fields (CLOSE_CODE=, HTTP_STATUS=)."""
+        log.warning("upstream %s; retrying in %.1f s", detail, delay, extra=fields)
         self.store.set_link(status, detail, retry_in=delay)
 
     async def _attempt(
@@ -389,7 +391,7 @@ class Upstream:
                 token_changed = await self._token_changed(token)
             decision = self.schedule.next(action, retry_after=retry_after, token_changed=token_changed)
             link = LinkStatus.AUTH_FAILED if action is Action.AUTH_FAILED else LinkStatus.DISCONNECTED
-            self._failed(link, f"handshake refused: HTTP {status}", decision.delay)
+            self._failed(link, f"handshake refused: HTTP {status}", decision.delay, HTTP_STATUS=status)
             return None, decision.delay
         except asyncio.CancelledError:
             raise
@@ -521,8 +523,9 @@ class Upstream:
             detail += f" ({reason[:80]!r})"
         link = LinkStatus.AUTH_FAILED if action is Action.AUTH_FAILED else LinkStatus.DISCONNECTED
         if link is LinkStatus.AUTH_FAILED:
-            log.error("upstream: authorisation failed (%s); retrying every %.0f s", detail, decision.delay)
+            log.error("upstream: authorisation failed (%s); retrying every %.0f s", detail, decision.delay,
+                      extra={"CLOSE_CODE": code})
             self.store.set_link(link, detail, retry_in=decision.delay)
         else:
-            self._failed(link, f"lost: {detail}", decision.delay)
+            self._failed(link, f"lost: {detail}", decision.delay, CLOSE_CODE=code)
         return decision.delay
