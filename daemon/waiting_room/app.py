@@ -79,7 +79,8 @@ class App:
         if self.state_file is not None:
             restored = self.state_file.restore()
             if restored:
-                log.info("restored the last known values of %d rooms (stale until fresh data)", restored)
+                log.info("restored the last known values of %d room%s (stale until fresh data)",
+                         restored, "" if restored == 1 else "s")
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             self._start("mqtt", self.mqtt.run)
@@ -122,7 +123,8 @@ class App:
             new = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
-            self.systemd.note = "reload refused (see the log)"
+            reason = str(exc).removeprefix(f"{self.config_path}: ")
+            self.systemd.note = f"reload refused: {reason[:120]}"
             self.notifier.ready(self.systemd.current_status())
             return
         self.systemd.note = None

@@ -51,8 +51,12 @@ def _load(path: str) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import faulthandler
+
     config = _load(args.config)
     _setup_logging(args.log_level or config.log_level)
+    # A watchdog kill (SIGABRT) then leaves the blocked loop's Python traceback in the journal.
+    faulthandler.enable()
     asyncio.run(_run(config, args.config))
     return 0
 

@@ -95,6 +95,10 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.0f} h"
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+
+
 def status_text(store: RoomStore, now: float | None = None, note: str | None = None) -> str:
     """Short and human: what an operator needs from ``systemctl status`` at a glance."""
     now = time.time() if now is None else now
@@ -104,12 +108,12 @@ def status_text(store: RoomStore, now: float | None = None, note: str | None = N
     if link.status is LinkStatus.CONNECTED:
         parts.append("upstream connected")
     elif link.status is LinkStatus.AUTH_FAILED:
-        retry = f", retrying every {link.retry_in:.0f} s" if link.retry_in else ""
+        retry = f", retrying every {_seconds(link.retry_in)}" if link.retry_in else ""
         parts.append(f"upstream: auth failed ({link.detail}){retry}")
     elif link.status is LinkStatus.CONNECTING and not link.detail:
         parts.append("upstream connecting")
     else:
-        retry = f", retrying in {link.retry_in:.0f} s" if link.retry_in is not None else ""
+        retry = f", retrying in {_seconds(link.retry_in)}" if link.retry_in is not None else ""
         parts.append(f"upstream down ({link.detail}){retry}")
     parts.append(f"{len(rooms)} room{'s' if len(rooms) != 1 else ''}")
     refused = sum(1 for r in rooms.values() if r.error)

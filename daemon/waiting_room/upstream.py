@@ -272,6 +272,7 @@ class Upstream:
         self._bad_frames = RateLimitedLog(log)
         self._session: _Session | None = None
         self._rotation_retry_at = 0.0
+        self._last_failure: str | None = None
         # Set by reconfigure(): cuts a backoff pause short, or starts a make-before-break.
         self._reconfigured = asyncio.Event()
         self._apply(cfg)
@@ -315,6 +316,7 @@ class Upstream:
     def on_session_live(self, session: _Session) -> None:
         if session is self._session and self.store.link.status is not LinkStatus.CONNECTED:
             log.info("upstream connected to %s, %d rooms", redact_url(self.cfg.url), len(self.room_ids))
+            self._last_failure = None
             self.store.set_link(LinkStatus.CONNECTED, "")
 
     async def set_rooms(self, room_ids: Iterable[str]) -> None:
@@ -366,8 +368,11 @@ class Upstream:
         )
 
     def _failed(self, status: LinkStatus, detail: str, delay: float, **fields: object) -> None:
-        """``fields`` become structured journal fields (CLOSE_CODE=, HTTP_STATUS=)."""
-        log.warning("upstream %s; retrying in %.1f s", detail, delay, extra=fields)
+        """Logs state changes, not every attempt: the same failure again goes to DEBUG.
+        ``fields`` become structured journal fields (CLOSE_CODE=, HTTP_STATUS=)."""
+        level = logging.DEBUG if detail == self._last_failure else logging.WARNING
+        self._last_failure = detail
+        log.log(level, "upstream %s; retrying in %.1f s", detail, delay, extra=fields)
         self.store.set_link(status, detail, retry_in=delay)
 
     async def _attempt(
