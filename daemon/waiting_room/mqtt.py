@@ -19,6 +19,7 @@ from typing import Final
 
 import aiomqtt
 import msgspec
+from paho.mqtt.client import MQTT_ERR_SUCCESS
 
 from .config import MqttConfig
 from .credentials import SecretError, credential_path, read_secret_file
@@ -79,6 +80,26 @@ async def publish(
             await client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf)
     except TimeoutError:
         raise aiomqtt.MqttError(f"publish to {topic} timed out") from None
+
+
+async def publish_retained_batch(client: aiomqtt.Client, messages: list[tuple[str, str | bytes]]) -> None:
+    """Retained QoS 0 messages handed to paho at once; only the last one is awaited.
+
+    One awaited ``client.publish`` per topic costs an event-loop round trip each (aiomqtt
+    waits for paho's on_publish); in a burst of many rooms that, not the broker, limits the
+    rate. paho writes in order, so the last one written means all were. Awaiting it is the
+    back-pressure: the next batch waits until this one is on the socket. ``client._client``
+    is aiomqtt 2.x's paho client (the dependency is pinned below 3).
+    """
+    if not messages:
+        return
+    paho = client._client
+    for topic, payload in messages[:-1]:
+        info = paho.publish(topic, payload, 0, True)
+        if info.rc != MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+    topic, payload = messages[-1]
+    await publish(client, topic, payload)
 
 
 async def subscribe(client: aiomqtt.Client, topic: str) -> None:
@@ -211,6 +232,7 @@ class MqttPublisher:
                     if payload != upstream:
                         await publish(client, f"{base}/upstream", payload, qos=1, retain=True)
                         upstream = payload
+                states: list[tuple[str, str | bytes]] = []
                 for room, state in batch.rooms.items():
                     if state is None:
                         await self._forget(client, room)
@@ -222,9 +244,10 @@ class MqttPublisher:
                         message = self.discovery.room_message(room, state.name)
                         await publish(client, message.topic, message.payload, qos=1)
                     if state.patients is not None and published.get(room) != state.patients:
-                        await publish(client, f"{base}/{room}/patients", str(state.patients))
+                        states.append((f"{base}/{room}/patients", str(state.patients)))
                         published[room] = state.patients
-                    await publish(client, f"{base}/{room}/state", state_payload(state))
+                    states.append((f"{base}/{room}/state", state_payload(state)))
+                await publish_retained_batch(client, states)
                 known = set(self.store.rooms)
 
     async def _forget(self, client: aiomqtt.Client, room: str) -> None:

@@ -10,11 +10,12 @@ upstream reader or the other consumers.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
+
+from msgspec.structs import replace
 
 from .model import LinkState, LinkStatus, RoomState
 
@@ -142,7 +143,7 @@ class RoomStore:
                 added.append(room)
                 self._put(RoomState(room=room, name=name))
             elif current.name != name:
-                self._put(dataclasses.replace(current, name=name))
+                self._put(replace(current, name=name))
         return added, removed
 
     def apply_queue(
@@ -179,13 +180,13 @@ class RoomStore:
         if current is None:
             return False
         if current.error != code:
-            self._put(dataclasses.replace(current, error=code, stale=True))
+            self._put(replace(current, error=code, stale=True))
         return True
 
     def clear_room_error(self, room: str) -> None:
         current = self._rooms.get(room)
         if current is not None and current.error is not None:
-            self._put(dataclasses.replace(current, error=None))
+            self._put(replace(current, error=None))
 
     def set_link(self, status: LinkStatus, detail: str = "", retry_in: float | None = None) -> None:
         """Record the upstream's health; leaving ``connected`` marks every room stale at once."""
@@ -202,7 +203,7 @@ class RoomStore:
         if status is not LinkStatus.CONNECTED:
             for state in list(self._rooms.values()):
                 if not state.stale:
-                    self._put(dataclasses.replace(state, stale=True))
+                    self._put(replace(state, stale=True))
         for sub in self._subs:
             sub._mark_link()
 
@@ -223,4 +224,4 @@ class RoomStore:
         for state in states:
             current = self._rooms.get(state.room)
             if current is not None and current.patients is None:
-                self._put(dataclasses.replace(state, name=current.name, stale=True, error=None))
+                self._put(replace(state, name=current.name, stale=True, error=None))
