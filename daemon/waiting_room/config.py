@@ -326,7 +326,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"{name}: cannot read: {reason}") from None
     try:
-        data = yaml.safe_load(text)
+        # libyaml's C loader when present: a 10,000-room file loads in a fraction of the time.
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""

@@ -10,6 +10,7 @@ upstream reader or the other consumers.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -32,10 +33,13 @@ class Batch:
 class Subscription:
     """A consumer's view: ``async for batch in subscription``."""
 
-    __slots__ = ("_store", "_dirty", "_link_dirty", "_wake", "_closed")
+    __slots__ = ("_store", "_dirty", "_link_dirty", "_wake", "_closed", "_limit")
 
-    def __init__(self, store: RoomStore) -> None:
+    def __init__(self, store: RoomStore, limit: int | None = None) -> None:
         self._store = store
+        # At most this many rooms per batch: a consumer that works per room (MQTT) lets the
+        # reader run between chunks, so a burst keeps coalescing instead of being drained.
+        self._limit = limit
         # Replay: everything is dirty at first, so the first batch is the current state.
         self._dirty: dict[str, None] = dict.fromkeys(store.rooms)
         self._link_dirty = True
@@ -79,7 +83,12 @@ class Subscription:
 
     def _take(self) -> Batch:
         rooms = self._store.rooms
-        dirty, self._dirty = self._dirty, {}
+        if self._limit is None or len(self._dirty) <= self._limit:
+            dirty, self._dirty = self._dirty, {}
+        else:  # the longest-dirty first; the rest keep coalescing
+            dirty = dict.fromkeys(itertools.islice(self._dirty, self._limit))
+            for room in dirty:
+                del self._dirty[room]
         link = self._store.link if self._link_dirty else None
         components = dict(self._store.components) if self._link_dirty else {}
         self._link_dirty = False
@@ -109,8 +118,8 @@ class RoomStore:
     def components(self) -> Mapping[str, str]:
         return MappingProxyType(self._components)
 
-    def subscribe(self) -> Subscription:
-        sub = Subscription(self)
+    def subscribe(self, limit: int | None = None) -> Subscription:
+        sub = Subscription(self, limit)
         self._subs.add(sub)
         return sub
 

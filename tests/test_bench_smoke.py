@@ -1,0 +1,89 @@
+"""The benchmark suite, at toy sizes, so that it cannot rot (issue 5).
+
+``python -m bench --smoke`` starts its own upstream, mosquitto and daemon exactly like the full
+run. Only completion, the shape of the results and correctness are asserted: never a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCENARIOS = {"footprint", "latency", "display", "recovery", "flood", "scale", "fleet"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "daemon"), str(ROOT)])}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert done.returncode == 0, f"bench --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    files = sorted(out.glob("bench-*-smoke.json"))
+    assert len(files) == 1, files
+    doc = json.loads(files[0].read_text())
+    doc["_stdout"] = done.stdout
+    return doc
+
+
+@pytest.mark.timeout(300)
+def test_completes_and_describes_the_machine(smoke: dict) -> None:
+    assert smoke["complete"] is True, smoke.get("error")
+    machine = smoke["machine"]
+    for key in ("cpu_model", "cores", "python", "packages", "date", "mosquitto"):
+        assert machine[key], key
+    assert machine["packages"]["websockets"] and machine["packages"]["aiomqtt"]
+    assert "-m bench --smoke" in smoke["command"]
+    assert set(smoke["results"]) >= SCENARIOS
+    assert "JSON:" in smoke["_stdout"] and "scenario" in smoke["_stdout"]
+
+
+@pytest.mark.timeout(300)
+def test_table_rows_are_well_formed(smoke: dict) -> None:
+    rows = smoke["table"]
+    assert {r["scenario"] for r in rows} >= SCENARIOS
+    for r in rows:
+        assert set(r) >= {"scenario", "metric", "value", "unit", "floor", "ratio", "target", "status"}
+        assert r["status"] in ("met", "MISSED", ""), r
+        assert r["value"] is None or isinstance(r["value"], (int, float)), r
+        if r["target"]:
+            assert r["status"], r  # every target is judged
+
+
+@pytest.mark.timeout(300)
+def test_every_figure_has_its_floor(smoke: dict) -> None:
+    results = smoke["results"]
+    for rate in results["latency"]["rates"].values():
+        for part in ("ws_hop", "mqtt_hop", "end_to_end"):
+            assert rate[part]["n"] > 0 and rate[part]["p99"] is not None, part
+        assert rate["added"]["p99"] is not None
+    for case in results["flood"]["cases"].values():
+        assert case["median_bare_drain_ms"] is not None and case["median_completion_ms"] is not None
+    assert results["display"]["floor_last_client"]["n"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_values_are_correct(smoke: dict) -> None:
+    results = smoke["results"]
+    for rate in results["latency"]["rates"].values():
+        assert rate["final_values_correct"], rate
+    for case in results["flood"]["cases"].values():
+        assert case["all_correct"], case
+        for run in case["runs"]:
+            assert run["missing_or_wrong"] == 0 and run["state_topics"]["ok"], run
+    display = results["display"]
+    assert display["clients_reached_per_change"]["min"] == display["clients"]
+    assert display["upstream_connections"] == 1 and display["upstream_handshakes_during"] == 0
+    assert results["scale"]["joins_answered"] == results["scale"]["rooms"]
+    assert results["recovery"]["return_to_fresh_data_ms"] is not None
+    fleet = results["fleet"]["cases"][0]
+    assert fleet["jittered"]["attempts"] >= results["fleet"]["daemons"]
