@@ -316,7 +316,7 @@ async def test_a_screen_that_stops_reading_does_not_hold_the_others():
     # Big frames (many rooms with long names) fill a stuck screen's socket quickly.
     rooms = [RoomConfig(id=f"room-{i}", name=f"Room {i} " + "x" * 190) for i in range(40)]
     store = store_for(rooms)
-    async with serving(display(heartbeat=30), rooms, store, send_timeout=0.5) as svc:
+    async with serving(display(heartbeat=30), rooms, store) as svc:
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.setblocking(False)

@@ -19,14 +19,14 @@ import time
 from typing import Callable, Final, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..credentials import SecretError, read_secret_file
 from ..config import DisplayConfig, RoomConfig
-from ..store import RoomStore, Subscription
+from ..store import Batch, RoomStore
 from . import render
 from .render import Assets, PageOptions
 from ..logutil import RateLimitedLog
@@ -35,7 +35,7 @@ from .signs import SignDriver
 log = logging.getLogger(__name__)
 
 MAX_INCOMING: Final = 4096  # pages send nothing; anything bigger is misuse
-SEND_TIMEOUT: Final = 10.0  # a screen that takes longer to accept one frame is dropped
+MAX_BUFFER: Final = 256 * 1024  # a screen whose unsent data grows past this is dropped
 PING_INTERVAL: Final = 20.0  # RFC 6455 pings: reap browsers that vanished without a close
 OPEN_TIMEOUT: Final = 10.0  # a request must arrive whole within this (slowloris)
 CLOSE_TIMEOUT: Final = 2.0
@@ -66,6 +66,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _View:
+    """The screens that show the same thing: every room, or one room."""
+
+    __slots__ = ("room", "clients", "task")
+
+    def __init__(self, room: str | None) -> None:
+        self.room = room
+        self.clients: set[ServerConnection] = set()
+        self.task: asyncio.Task[None] | None = None
+
+
 class DisplayService:
     """A consumer of the store, like MQTT: serves the displays until cancelled.
 
@@ -82,7 +93,7 @@ class DisplayService:
         required_components: Iterable[str] = ("mqtt",),
         page_options: PageOptions | None = None,
         clock: Callable[[], float] = time.time,
-        send_timeout: float = SEND_TIMEOUT,
+        max_buffer: int = MAX_BUFFER,
     ) -> None:
         self.cfg = cfg
         self.rooms: Mapping[str, RoomConfig] = {r.id: r for r in rooms}
@@ -90,7 +101,9 @@ class DisplayService:
         self.required = tuple(required_components)
         self.page_options = page_options or PageOptions(heartbeat=float(cfg.heartbeat))
         self.clock = clock
-        self.send_timeout = send_timeout
+        self.max_buffer = max_buffer
+        self._views: dict[str | None, _View] = {}
+        self._tg: asyncio.TaskGroup | None = None
         self.signs = SignDriver(cfg.command, float(cfg.command_timeout), store) if cfg.command else None
         self.ready = asyncio.Event()
         self.port: int | None = None
@@ -121,12 +134,14 @@ class DisplayService:
             if server is not None:
                 self.port = server.sockets[0].getsockname()[1]
                 log.info("display: pages at %s (one room: %srooms/<id>)", self.url, self.url)
-            self.ready.set()
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg  # owns the fan-out task of each view
+                self.ready.set()
                 if self.signs is not None:
                     tg.create_task(self.signs.run(), name="display-signs")
                 await asyncio.Future()  # until cancelled
         finally:
+            self._tg = None
             self.ready.clear()
             if server is not None:
                 # Every page is closed with 1001 (going away): it shows "offline" at once.
@@ -295,50 +310,72 @@ class DisplayService:
 
     # -- WebSocket --------------------------------------------------------------------------
 
+    def _view(self, room: str | None) -> _View | None:
+        view = self._views.get(room)
+        if view is None:
+            if self._tg is None:  # stopping
+                return None
+            view = self._views[room] = _View(room)
+            view.task = self._tg.create_task(self._fan_out(view), name=f"display-view-{room or '*'}")
+        return view
+
     async def _connection(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         room = parse_qs(urlsplit(ws.request.path).query).get("room", [None])[0]
+        view = self._view(room)
+        if view is None:
+            return  # the service is stopping: the server closes this page with 1001
+        now = self.clock()
+        link = self.store.link
+        full = Batch(dict(self.store.rooms), link, dict(self.store.components))
+        # The whole current state, then membership of the view, in one step (no await in
+        # between): no change can slip past this screen.
+        broadcast([ws], render.hello_frame(float(self.cfg.heartbeat), now).decode())
+        first = render.state_frame(full, link, room, now)
+        if first is not None:
+            broadcast([ws], first.decode())
+        view.clients.add(ws)
         self.clients += 1
         try:
-            with self.store.subscribe() as changes:
-                async with asyncio.TaskGroup() as tg:
-                    pusher = tg.create_task(self._push(ws, changes, room))
-                    try:
-                        # Pages send nothing we need; reading keeps close frames flowing.
-                        async for _ in ws:
-                            pass
-                    except ConnectionClosed:
-                        pass
-                    finally:
-                        pusher.cancel()
+            # Pages send nothing we need; reading keeps close frames flowing.
+            async for _ in ws:
+                pass
+        except ConnectionClosed:
+            pass
         finally:
+            view.clients.discard(ws)
             self.clients -= 1
 
-    async def _push(self, ws: ServerConnection, changes: Subscription, room: str | None) -> None:
-        it = aiter(changes)
+    async def _fan_out(self, view: _View) -> None:
+        """One store subscription per view: a change is rendered once and written to every
+        screen of the view without awaiting any of them."""
         heartbeat = float(self.cfg.heartbeat)
         try:
-            await self._send(ws, render.hello_frame(heartbeat, self.clock()))
-            while True:
-                try:
-                    async with asyncio.timeout(heartbeat):
-                        batch = await anext(it)
-                except TimeoutError:
-                    await self._send(ws, render.heartbeat_frame(self.clock()))
-                    continue
-                frame = render.state_frame(batch, self.store.link, room, self.clock())
-                if frame is not None:
-                    await self._send(ws, frame)
-        except (ConnectionClosed, StopAsyncIteration):
-            return
+            with self.store.subscribe() as changes:
+                it = aiter(changes)
+                await anext(it)  # the replay: each screen got the full state as it connected
+                while True:
+                    try:
+                        async with asyncio.timeout(heartbeat):
+                            batch = await anext(it)
+                    except TimeoutError:
+                        frame: bytes | None = render.heartbeat_frame(self.clock())
+                    else:
+                        frame = render.state_frame(batch, self.store.link, view.room, self.clock())
+                    if not view.clients:
+                        return  # the last screen left: the view ends (a new one starts afresh)
+                    if frame is not None:
+                        self._broadcast(view, frame)
+        finally:
+            if self._views.get(view.room) is view:
+                del self._views[view.room]
 
-    async def _send(self, ws: ServerConnection, frame: bytes) -> None:
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                await ws.send(frame, text=True)
-        except TimeoutError:
-            # Its socket buffer stayed full: let this one screen go rather than hold anything.
+    def _broadcast(self, view: _View, frame: bytes) -> None:
+        for ws in [ws for ws in view.clients if ws.transport.get_write_buffer_size() > self.max_buffer]:
+            # Its socket stopped draining: let this one screen go rather than hold anything.
+            view.clients.discard(ws)
             self.slow_clients += 1
-            self._slow.warning("display: dropped a client that did not read for %.0f s", self.send_timeout)
+            self._slow.warning("display: dropped a client that stopped reading")
             ws.transport.abort()
-            raise ConnectionClosed(None, None) from None
+        broadcast(view.clients, frame.decode())
+
