@@ -256,3 +256,13 @@ async def test_room_ids_with_punctuation_make_clean_topics(broker, watcher, room
             await watcher.wait_for(lambda: any(t.startswith("homeassistant/sensor/") for t in watcher.last))
             entry = [t for t in watcher.last if t.startswith("homeassistant/sensor/")][0]
             assert entry.count("/") == 4 and "." not in entry.split("/")[3]
+
+
+async def test_server_ts_becomes_updated_at(sim, broker, watcher):
+    async with running(make_config(sim.url, broker.port)):
+        await watcher.wait_topic("waiting-room/opd-1/patients", "5")
+        for patients, ts in [(6, "2026-01-02T03:04:05Z"), (7, "2026-01-02T03:04:05Z"), (8, "2026-01-02T04:00:00+01:00")]:
+            await sim.send_raw(json.dumps({"type": "queue", "room": "opd-1", "patients": patients, "ts": ts}))
+            await watcher.wait_for(lambda p=patients: state(watcher, "opd-1").get("patients") == p)
+            expected = "2026-01-02T03:00:00.000Z" if patients == 8 else "2026-01-02T03:04:05.000Z"
+            assert state(watcher, "opd-1")["updated_at"] == expected

@@ -101,6 +101,8 @@ class _Session:
         self.timed_out = False
         self.single_room = False
         self.task: asyncio.Task[None] | None = None
+        self._ts_text: str | None = None
+        self._ts_value: float | None = None
 
     @property
     def close_code(self) -> int:
@@ -169,7 +171,11 @@ class _Session:
             room = up.room_ids[0]
             self.single_room = True
             self.store_room_answered(room)
-        if not up.store.apply_queue(room, frame.patients, frame.now_serving, parse_ts(frame.ts), frame.seq):
+        ts = frame.ts
+        if ts is not None and ts != self._ts_text:  # a burst repeats one ts: parse it once
+            self._ts_text, self._ts_value = ts, parse_ts(ts)
+        updated_at = self._ts_value if ts is not None else None
+        if not up.store.apply_queue(room, frame.patients, frame.now_serving, updated_at, frame.seq):
             up.drop("queue frame for a room that is not configured")
             return
         self._mark_receiving()
