@@ -257,7 +257,8 @@ class MqttPublisher:
         await publish(client, f"{self.base}/{room}/patients", b"", retain=True)
         await publish(client, f"{self.base}/{room}/state", b"", retain=True)
         if self.discovery is not None:
-            await publish(client, self.discovery.room_topic(room), b"", qos=1, retain=True)
+            message = self.discovery.removal(room)
+            await publish(client, message.topic, message.payload, qos=1, retain=message.retain)
 
     async def _announcer(self, client: aiomqtt.Client, announce: asyncio.Event) -> None:
         assert self.discovery is not None
