@@ -82,6 +82,30 @@ async def test_silent_server_is_noticed_by_heartbeat_timeout(sim, broker, watche
         assert sim.connections >= 2
 
 
+async def test_frozen_server_is_noticed_by_client_ping_whatever_its_heartbeat(sim, broker, watcher):
+    # The server announces a 15 s heartbeat (so the old bound was 35 s); the client ping
+    # finds the frozen application within ping_interval + ping_timeout, although the
+    # server's TCP stack still answers RFC 6455 pings.
+    config = make_config(sim.url, broker.port, upstream__ping_interval=0.3, upstream__ping_timeout=0.3)
+    async with running(config) as app:
+        await watcher.wait_topic("waiting-room/upstream", "connected")
+        sim.set_silent(True)
+        await watcher.wait_topic("waiting-room/upstream", "disconnected", timeout=3)
+        await watcher.wait_for(lambda: state(watcher, "lab").get("stale") is True, timeout=1)
+        assert "heartbeat" in app.store.link.detail
+        sim.set_silent(False)
+        await watcher.wait_topic("waiting-room/upstream", "connected", timeout=5)
+
+
+async def test_quiet_server_that_answers_pings_stays_connected(sim, broker, watcher):
+    config = make_config(sim.url, broker.port, upstream__ping_interval=0.05, upstream__ping_timeout=0.5)
+    async with running(config):
+        await watcher.wait_topic("waiting-room/upstream", "connected")
+        before = sim.frames_received
+        await sim.wait_until(lambda: sim.frames_received >= before + 10, timeout=5)  # our pings
+        assert sim.connections == 1 and sim.active == 1
+
+
 async def test_ping_is_answered_with_pong():
     async with Simulator(rooms=("opd-1",), token="test-token", heartbeat=0.1, pong_timeout=0.5) as sim:
         config = make_config(sim.url, 1, rooms=[{"id": "opd-1"}])

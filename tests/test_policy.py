@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 import pytest
 
 from waiting_room.policy import (
+    Liveness,
+    liveness,
     PROMPT_MAX_DELAY,
     PROMPT_STREAK_MAX,
     RETRY_AFTER_CAP,
@@ -386,3 +388,36 @@ def test_fleet_retries_are_spread_out_by_jitter():
     assert sum(jittered.values()) == FLEET * RETRIES
     assert max(jittered.values()) < FLEET * 0.3
     assert len(jittered) > 50 * len(unjittered)
+
+
+# -- the silence watchdog ------------------------------------------------------------------
+
+LIVE = dict(interval=5.0, timeout=4.0, silence_limit=35.0)
+
+
+@pytest.mark.parametrize(
+    "now, last_rx, pinged_at, verdict, wake",
+    [
+        (1.0, 0.0, None, Liveness.WAIT, 5.0),  # quiet for a while: look again at interval
+        (5.0, 0.0, None, Liveness.PING, 9.0),  # silent for interval: ping, answer due by 9
+        (7.0, 0.0, 5.0, Liveness.WAIT, 9.0),  # pinged, no answer yet
+        (9.0, 0.0, 5.0, Liveness.DEAD, 9.0),  # no answer in time: dead 9 s after the last frame
+        (9.0, 6.0, 5.0, Liveness.WAIT, 11.0),  # answered at 6: quiet again until 11
+        (40.0, 0.0, None, Liveness.DEAD, 40.0),  # the heartbeat bound stays a backstop
+    ],
+)
+def test_liveness_table(now, last_rx, pinged_at, verdict, wake):
+    assert liveness(now, last_rx, pinged_at, **LIVE) == (verdict, wake)
+
+
+def test_liveness_bounds_a_dead_link_by_interval_plus_timeout():
+    """Walked like the watchdog does: a link silent from t=0 is dead at interval + timeout."""
+    now, pinged_at = 0.0, None
+    for _ in range(10):
+        verdict, wake = liveness(now, 0.0, pinged_at, **LIVE)
+        if verdict is Liveness.DEAD:
+            break
+        if verdict is Liveness.PING:
+            pinged_at = now
+        now = wake
+    assert verdict is Liveness.DEAD and now == pytest.approx(9.0)

@@ -70,6 +70,26 @@ async def test_killed_daemon_shows_offline_through_its_will(sim, broker, watcher
     await watcher.wait_topic("waiting-room/status", "offline", timeout=10)
 
 
+async def test_stopped_daemon_shows_offline_within_15_s_by_default_and_comes_back(sim, broker, watcher, tmp_path):
+    # A hung daemon (SIGSTOP, or a loop blocked for good) sends no MQTT keepalive: with the
+    # default keepalive (5 s) the broker publishes the will after 1.5 x 5 s (mosquitto 2.0
+    # looks every 5-6 s: 13 s at worst).
+    proc = await start_daemon(write_config(tmp_path, sim, broker))
+    try:
+        await watcher.wait_topic("waiting-room/status", "online")
+        await watcher.wait_topic("waiting-room/opd-1/patients", "5")
+        proc.send_signal(signal.SIGSTOP)
+        await watcher.wait_topic("waiting-room/status", "offline", timeout=15)
+        proc.send_signal(signal.SIGCONT)
+        await watcher.wait_topic("waiting-room/status", "online", timeout=15)
+        sim.set_queue("opd-1", 8)
+        await watcher.wait_topic("waiting-room/opd-1/patients", "8")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        await proc.wait()
+
+
 async def test_bad_config_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "config.yaml"
     bad.write_text("upstream:\n  url: ws://x/\n  token: t\n  backoff: {max: ten}\nrooms: [{id: a}]\n")

@@ -157,3 +157,36 @@ class ReconnectSchedule:
         if retry_after is not None:
             delay = max(delay, retry_after)
         return Decision(action, delay)
+
+
+class Liveness(enum.Enum):
+    """What the silence watchdog of a connection does next."""
+
+    WAIT = "wait"  # nothing to do until the returned time
+    PING = "ping"  # silent for ping_interval: ask the server to answer
+    DEAD = "dead"  # no answer to the ping in time, or silent past the heartbeat bound
+
+
+def liveness(
+    now: float,
+    last_rx: float,
+    pinged_at: float | None,
+    *,
+    interval: float,
+    timeout: float,
+    silence_limit: float,
+) -> tuple[Liveness, float]:
+    """The watchdog's decision and when to look again.
+
+    Any arrival counts as an answer (a frame, or the pong of a control ping). A half-open
+    link is declared dead at most ``interval + timeout`` after its last arrival, whatever the
+    server's own heartbeat; ``silence_limit`` (PROTOCOL.md's bound) stays as a backstop.
+    """
+    if pinged_at is not None and last_rx < pinged_at:
+        deadline = pinged_at + timeout
+        return (Liveness.DEAD, now) if now >= deadline else (Liveness.WAIT, deadline)
+    if now >= last_rx + silence_limit:
+        return Liveness.DEAD, now
+    if now >= last_rx + interval:
+        return Liveness.PING, now + timeout
+    return Liveness.WAIT, min(last_rx + interval, last_rx + silence_limit)

@@ -22,6 +22,10 @@ _ROOM_ID_RE: Final = re.compile(ROOM_ID_PATTERN)
 RoomId = Annotated[str, msgspec.Meta(pattern=ROOM_ID_PATTERN)]
 Patients = Annotated[int, msgspec.Meta(ge=0, le=MAX_PATIENTS)]
 ShortText = Annotated[str, msgspec.Meta(max_length=64)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+# The refusals a server may give for one room (an ``error`` frame's code, a snapshot entry's
+# ``error``); any other code is kept as the generic "error".
+ROOM_ERRORS: Final = frozenset({"unknown_room", "forbidden"})
 
 
 def is_valid_room_id(room: str) -> bool:
@@ -41,7 +45,7 @@ class Queue(msgspec.Struct, tag_field="type", tag="queue", frozen=True):
     room: RoomId | None = None
     now_serving: ShortText | None = None
     ts: ShortText | None = None
-    seq: Annotated[int, msgspec.Meta(ge=0, le=2**53)] | None = None
+    seq: Seq | None = None
 
 
 class Ping(msgspec.Struct, tag_field="type", tag="ping", frozen=True):
@@ -127,3 +131,4 @@ def leave_frame(room: str) -> str:
 
 
 PONG_FRAME: Final = '{"type":"pong"}'
+PING_FRAME: Final = '{"type":"ping"}'  # the client heartbeat; a server answers pong

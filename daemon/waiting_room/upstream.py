@@ -24,7 +24,15 @@ from .config import UpstreamConfig
 from .logutil import RateLimitedLog
 from .credentials import SecretError, TokenSource, file_signature, jwt_expiry
 from .model import LinkStatus
-from .policy import Action, ReconnectSchedule, action_for_close, action_for_status, parse_retry_after
+from .policy import (
+    Action,
+    Liveness,
+    ReconnectSchedule,
+    action_for_close,
+    action_for_status,
+    liveness,
+    parse_retry_after,
+)
 from .store import RoomStore
 
 log = logging.getLogger(__name__)
@@ -218,15 +226,34 @@ class _Session:
             self.up.on_session_live(self)
 
     async def _watchdog(self) -> None:
-        """A frozen server or a half-open TCP connection: silence longer than the timeout."""
+        """A frozen server or a half-open TCP connection: silence first brings a protocol
+        ``ping``; no answer in time, or silence past the heartbeat bound, drops the link
+        (``policy.liveness``). Only the application's answer counts: a server whose TCP stack
+        still answers RFC 6455 pings while its queue is frozen must not look live."""
+        cfg = self.up.cfg
+        interval, grace = float(cfg.ping_interval), float(cfg.ping_timeout)
+        pinged_at: float | None = None
         while True:
-            remaining = self.last_rx + self.timeout - self._loop.time()
-            if remaining <= 0:
-                log.warning("upstream silent for %.0f s: dropping the connection", self.timeout)
+            now = self._loop.time()
+            verdict, wake = liveness(now, self.last_rx, pinged_at, interval=interval, timeout=grace,
+                                     silence_limit=self.timeout)
+            if verdict is Liveness.DEAD:
+                log.warning("upstream silent for %.1f s%s: dropping the connection", now - self.last_rx,
+                            ", no answer to a ping" if pinged_at is not None and pinged_at > self.last_rx else "")
                 self.timed_out = True
                 self.ws.transport.abort()
                 return
-            await asyncio.sleep(remaining + 0.01)
+            if verdict is Liveness.PING:
+                pinged_at = now
+                try:
+                    # Bounded: a stalled socket must not stall the watchdog that watches it.
+                    async with asyncio.timeout(grace):
+                        await self.ws.send(protocol.PING_FRAME)
+                except TimeoutError:
+                    continue  # past the grace already: dead on the next pass
+                except ConnectionClosed:
+                    return  # the reader sees the close too
+            await asyncio.sleep(max(wake - self._loop.time(), 0.0) + 0.01)
 
     async def _rejoin(self) -> None:
         while True:
@@ -365,8 +392,7 @@ class Upstream:
             additional_headers=headers,
             open_timeout=float(self.cfg.connect_timeout),
             close_timeout=CLOSE_TIMEOUT,
-            ping_interval=20,
-            ping_timeout=20,
+            ping_interval=None,  # the session's watchdog pings (policy.liveness)
             max_size=MAX_MESSAGE,
             compression=None,
             logger=_WireLog(logging.getLogger("waiting_room.wire"), {}),
