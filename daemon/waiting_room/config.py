@@ -85,6 +85,10 @@ class UpstreamConfig(_Strict):
     backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
     # None: twice the server's hello heartbeat plus 5 s (PROTOCOL.md).
     heartbeat_timeout: Seconds | None = None
+    # Silence this long brings a ping (PROTOCOL.md's client ping and an RFC 6455 ping); no
+    # answer within ping_timeout drops the link: a half-open one is noticed within their sum.
+    ping_interval: Seconds = Seconds(5.0)
+    ping_timeout: Seconds = Seconds(4.0)
     # A connection must be joined and receiving this long before the backoff resets.
     stable_after: Seconds = Seconds(10.0)
     connect_timeout: Seconds = Seconds(10.0)
@@ -145,7 +149,10 @@ class MqttConfig(_Strict):
     password_credential: str | None = None
     ca_file: str | None = None
     client_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
-    keepalive: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
+    # The broker declares a silent (hung, stopped) daemon dead after 1.5 x keepalive and
+    # publishes its will: 5 s shows "offline" within 7.5 s (13 s with mosquitto 2.0, which
+    # checks keepalives every 5-6 s).
+    keepalive: Annotated[int, msgspec.Meta(ge=2, le=3600)] = 5
     backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
 
     def __post_init__(self) -> None:
