@@ -18,6 +18,7 @@ from typing import Final
 
 import msgspec
 
+from .logutil import RateLimitedLog
 from .model import RoomState
 from .store import RoomStore
 
@@ -113,6 +114,8 @@ class StateFile:
         self.store = store
         self.min_interval = min_interval
         self.writes = 0
+        self._failures = RateLimitedLog(log)
+        self._failing = False
 
     def restore(self) -> int:
         """Blocking, before the loop's other work starts: loads into the store (stale)."""
@@ -120,23 +123,35 @@ class StateFile:
         self.store.restore(states)
         return sum(1 for s in states if s.room in self.store.rooms)
 
-    async def _write(self, rooms: dict[str, _Room]) -> None:
+    async def _write(self, rooms: dict[str, _Room]) -> bool:
         try:
             await asyncio.to_thread(save, self.path, rooms)
-            self.writes += 1
         except OSError as exc:
-            log.warning("cannot write the state file %s: %s", self.path, exc.strerror or exc)
+            self._failures.warning("cannot write the state file %s: %s", self.path, exc.strerror or exc)
+            self._failing = True
+            return False
+        self.writes += 1
+        if self._failing:
+            self._failing = False
+            log.info("the state file %s is written again", self.path)
+        return True
 
     async def run(self) -> None:
         written = snapshot(self.store)  # what restore() put there is on disk already
         try:
             with self.store.subscribe() as changes:
-                async for batch in changes:
+                it = aiter(changes)
+                behind = False  # the last write failed (disk full, read-only): retry, change or not
+                while True:
+                    if not behind:
+                        await anext(it)
                     current = snapshot(self.store)
-                    if not batch.rooms or current == written:
+                    if current == written:
+                        behind = False
                         continue
-                    await self._write(current)
-                    written = current
+                    behind = not await self._write(current)
+                    if not behind:
+                        written = current
                     # Throttle: what changes meanwhile coalesces in the subscription.
                     await asyncio.sleep(self.min_interval)
         finally:

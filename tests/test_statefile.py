@@ -1,0 +1,57 @@
+"""The state file as a consumer of the store: written after changes, and caught up after a
+failed write (full disk, vanished directory) without waiting for the next change."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from pathlib import Path
+
+from waiting_room.statefile import FILE_NAME, StateFile, load
+from waiting_room.store import RoomStore
+
+
+async def wait_for_file(path: Path, patients: dict[str, int], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while {s.room: s.patients for s in load(path)} != patients:
+            await asyncio.sleep(0.02)  # polling a file: there is no event to await
+
+
+async def test_written_after_a_change(tmp_path):
+    store = RoomStore([("lab", "Lab")])
+    state = StateFile(tmp_path, store, min_interval=0.05)
+    task = asyncio.create_task(state.run())
+    await asyncio.sleep(0)  # run() takes what is in the store as already on disk: start it first
+    try:
+        store.apply_queue("lab", 4, "B-1", None, 1)
+        await wait_for_file(tmp_path / FILE_NAME, {"lab": 4})
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_failed_write_is_retried_without_a_new_change(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "waiting_room.statefile")
+    directory = tmp_path / "state"
+    store = RoomStore([("lab", "Lab")])
+    state = StateFile(directory, store, min_interval=0.05)
+    task = asyncio.create_task(state.run())
+    await asyncio.sleep(0)
+    try:
+        store.apply_queue("lab", 1, None, None, 1)
+        await wait_for_file(directory / FILE_NAME, {"lab": 1})
+        # The directory becomes unwritable (as a full disk would: every write fails).
+        shutil.rmtree(directory)
+        directory.write_text("not a directory")
+        store.apply_queue("lab", 2, None, None, 2)
+        async with asyncio.timeout(5):
+            while "cannot write the state file" not in caplog.text:
+                await asyncio.sleep(0.02)
+        directory.unlink()  # room again; no further change arrives
+        await wait_for_file(directory / FILE_NAME, {"lab": 2})
+        assert caplog.text.count("cannot write the state file") == 1  # rate-limited, not per retry
+        assert "written again" in caplog.text
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
