@@ -8,48 +8,16 @@ so its RSS and CPU (``/proc/<pid>/status`` VmRSS, ``/proc/<pid>/stat`` utime+sti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# -- /proc --------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def memory_kb(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
-                out[key] = int(value.split()[0])
-    return out
+from testsupport import CLK_TCK, ROOT, cpu_seconds, free_port, memory_kb  # noqa: F401 (re-exported)
+from testsupport import Broker as SharedBroker
+from testsupport import Daemon as SharedDaemon
 
 
 def machine_load() -> list[float]:
@@ -59,55 +27,11 @@ def machine_load() -> list[float]:
 # -- mosquitto ------------------------------------------------------------------------------
 
 
-class Broker:
-    """A mosquitto of our own, tuned for measuring (see ``CONF``)."""
-
-    # set_tcp_nodelay: the broker's own sockets send small packets at once (no Nagle);
-    # max_queued_*: 0 = unlimited, so a QoS 0 message is never dropped because a probe lags
-    # (the probe's message count is then exactly what the daemon published).
-    CONF = (
-        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "set_tcp_nodelay true\nmax_queued_messages 0\nmax_queued_bytes 0\n"
-    )
+class Broker(SharedBroker):
+    """The shared mosquitto, tuned for measuring (no Nagle, unlimited queues)."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-    def version(self) -> str:
-        try:
-            out = subprocess.run([self.exe, "-h"], capture_output=True, text=True, timeout=5, check=False)
-            return (out.stdout or out.stderr).splitlines()[0].strip()
-        except (OSError, IndexError, subprocess.TimeoutExpired):
-            return "unknown"
-
-    def start(self) -> None:
-        if not os.path.exists(self.exe):
-            raise SystemExit("mosquitto is not installed: run scripts/setup (or apt-get install mosquitto)")
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(self.CONF.format(port=self.port))
-        with open(self.workdir / "mosquitto.log", "wb") as log:  # the child keeps its own copy
-            self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return
-            time.sleep(0.02)
-        raise RuntimeError("mosquitto did not start listening")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        super().__init__(workdir, tuned=True)
 
 
 # -- the daemon -----------------------------------------------------------------------------
@@ -134,49 +58,16 @@ def daemon_config(
         "rooms": [{"id": r} for r in rooms],
         "mqtt": {"port": broker_port, "base_topic": base_topic, "client_id": f"bench-{base_topic}"},
         "display": (
-            {"enabled": True, "listen": f"127.0.0.1:{display_port}"} if display_port else {"enabled": False}
+            {"enabled": True, "listen": f"127.0.0.1:{display_port}",
+             # the fan-out scenario's clients all come from one address
+             "max_clients": 5000, "max_clients_per_address": 5000} if display_port else {"enabled": False}
         ),
         "log_level": "info",
     }
 
 
-class Daemon:
-    """``python -m waiting_room run`` (or the patched launcher) as a child process."""
-
-    def __init__(self, workdir: Path, name: str, config: dict[str, Any], *, module: str = "waiting_room") -> None:
-        self.workdir = workdir
-        self.name = name
-        self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.log_path = workdir / f"{name}.log"
-        self.module = module
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_ns = 0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "daemon"), str(ROOT)])}
-        env.pop("NOTIFY_SOCKET", None)
-        env.pop("WATCHDOG_USEC", None)
-        with open(self.log_path, "wb") as log:  # the child keeps its own copy
-            self.started_ns = time.monotonic_ns()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module, "run", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-            )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.pid)
-
-    def memory(self) -> dict[str, int]:
-        return memory_kb(self.pid)
+class Daemon(SharedDaemon):
+    """The shared daemon process, plus the wait for it to go quiet that the scenarios need."""
 
     async def quiet(self, window: float = 0.5, ticks: int = 1, limit: float = 30.0) -> float:
         """Waits until the daemon burns at most ``ticks`` clock ticks in two windows in a row;
@@ -192,24 +83,6 @@ class Daemon:
             if calm >= 2:
                 break
         return time.monotonic() - started
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 # -- probes ---------------------------------------------------------------------------------

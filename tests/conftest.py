@@ -8,11 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
@@ -26,56 +22,18 @@ from waiting_room.simulator import Simulator
 if TYPE_CHECKING:
     from waiting_room.app import App
 
-ROOT = Path(__file__).resolve().parent.parent
+from testsupport import ROOT, free_port  # noqa: F401 (re-exported to the tests)
+from testsupport import Broker as SharedBroker
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Broker:
-    """A mosquitto process of our own; ``restart()`` keeps the port (and loses retained)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+class Broker(SharedBroker):
+    """The shared private mosquitto (testsupport); a start-up problem fails the test."""
 
     def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not os.path.exists(exe):
-            pytest.fail("mosquitto is not installed: run ./scripts/test, which installs it")
-        conf = self.tmp / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        )
-        self.proc = subprocess.Popen(
-            [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=open(self.tmp / "mosquitto.log", "wb")
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mosquitto exited: {(self.tmp / 'mosquitto.log').read_text()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return
-            time.sleep(0.02)
-        pytest.fail("mosquitto did not start listening")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+        try:
+            super().start()
+        except RuntimeError as exc:
+            pytest.fail(f"{exc} (./scripts/test installs mosquitto)")
 
 
 @pytest.fixture

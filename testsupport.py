@@ -1,0 +1,216 @@
+"""The real parts that tests, benchmarks and the chaos runner start: one copy, shared.
+
+A private mosquitto on a free loopback port (never the machine's broker on 1883), the daemon
+as a separate process (``python -m waiting_room run``), and ``/proc`` readings of a process.
+Nothing here imports pytest: a problem is a ``RuntimeError`` that each caller reports its way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, log: Path, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text(errors='replace')[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} did not start listening on {port}")
+
+
+# -- /proc --------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# -- mosquitto ------------------------------------------------------------------------------
+
+
+class Broker:
+    """A mosquitto of our own. ``restart()`` keeps the port; retained messages survive it only
+    with ``persistence`` (saved on a clean stop, as a broker's reboot would)."""
+
+    BASE = "listener {port} 127.0.0.1\nallow_anonymous true\n"
+    # For measuring: the broker's own sockets send small packets at once (no Nagle), and a
+    # QoS 0 message is never dropped because a probe lags (0 = unlimited queues).
+    TUNED = "set_tcp_nodelay true\nmax_queued_messages 0\nmax_queued_bytes 0\n"
+
+    def __init__(self, workdir: Path, *, tuned: bool = False, persistence: bool = False) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.tuned = tuned
+        self.persistence = persistence
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.log_path = workdir / "mosquitto.log"
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run([self.exe, "-h"], capture_output=True, text=True, timeout=5, check=False)
+            return (out.stdout or out.stderr).splitlines()[0].strip()
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "unknown"
+
+    def _conf(self) -> str:
+        conf = self.BASE.format(port=self.port)
+        if self.persistence:
+            conf += f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 0\n"
+        else:
+            conf += "persistence false\n"
+        return conf + (self.TUNED if self.tuned else "")
+
+    def start(self) -> None:
+        if not os.path.exists(self.exe):
+            raise RuntimeError("mosquitto is not installed: run scripts/setup (or apt-get install mosquitto)")
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self._conf())
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log)
+        wait_listening(self.port, self.proc, "mosquitto", self.log_path)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+# -- the daemon -----------------------------------------------------------------------------
+
+
+class Daemon:
+    """``python -m waiting_room run`` (or another launcher module) as a child process.
+
+    Its output goes to ``<name>.log``, appended across restarts (a crash-restart loop keeps
+    the whole story). Signals are an operator's and systemd's: stop, kill, SIGSTOP/SIGCONT,
+    SIGHUP.
+    """
+
+    def __init__(self, workdir: Path, name: str, config: dict[str, Any], *, module: str = "waiting_room") -> None:
+        self.workdir = workdir
+        self.name = name
+        self.config_path = workdir / f"{name}.yaml"
+        self.write_config(config)
+        self.log_path = workdir / f"{name}.log"
+        self.module = module
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_ns = 0
+        self.preexec = None
+
+    def write_config(self, config: dict[str, Any] | str) -> None:
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config_path)  # a reload never reads half a file
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "daemon"), str(ROOT)])}
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("WATCHDOG_USEC", None)
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy
+            self.started_ns = time.monotonic_ns()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, "run", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                preexec_fn=self.preexec,
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a power cut would: no goodbye, the will fires."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.kill()
+            self.proc.wait()
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def memory(self) -> dict[str, int]:
+        return memory_kb(self.pid)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
