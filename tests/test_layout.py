@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "waiting_room"
 
-PURE = {"protocol", "policy", "config", "model", "discovery"}
+PURE = {"protocol", "policy", "config", "model", "discovery", "snapshot"}
 CONSUMERS = {"mqtt", "display", "systemd", "statefile"}
 IO_MODULES = {"asyncio", "socket", "websockets", "aiomqtt", "subprocess"}
 
@@ -47,6 +47,10 @@ def test_pure_modules_do_no_io():
 def test_config_and_protocol_import_nothing_of_the_project_but_protocol():
     assert imports_of(PACKAGE / "protocol.py")[0] == set()
     assert imports_of(PACKAGE / "config.py")[0] <= {"protocol"}
+
+
+def test_snapshot_imports_only_protocol_and_model_types():
+    assert imports_of(PACKAGE / "snapshot.py")[0] <= {"protocol", "model"}
 
 
 def test_store_imports_only_the_model():

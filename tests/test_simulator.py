@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +16,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from waiting_room.simulator import Simulator, _next_ticket, add_arguments, run_from_args
+from waiting_room.simulator import SNAPSHOT_PATH, Simulator, _next_ticket, add_arguments, run_from_args
+from waiting_room.snapshot import RoomRefused, RoomSnapshot, Snapshot, SnapshotDecoder
 
 DEADLINE = 2.0
 
@@ -347,3 +350,242 @@ async def test_restart_on_same_port_keeps_rooms() -> None:
         assert sim.connections == 1
     finally:
         await sim.stop()
+
+
+# -- the HTTP snapshot (PROTOCOL.md 1.1) and broken upgrades ------------------------------
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
+    """GET over a plain http.client connection: (status, headers, body); 304 has no body."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=DEADLINE)
+    try:
+        connection.request("GET", f"{parts.path}?{parts.query}" if parts.query else parts.path,
+                           headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+async def aget(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
+    async with asyncio.timeout(DEADLINE):
+        return await asyncio.to_thread(fetch, url, headers)
+
+
+async def expect_refused(url: str, status: int) -> Any:
+    """The handshake fails with ``status``; returns the response."""
+    with pytest.raises(InvalidStatus) as info:
+        async with asyncio.timeout(DEADLINE):
+            async with connect(url):
+                pass
+    assert info.value.response.status_code == status
+    return info.value.response
+
+
+async def test_snapshot_follows_protocol_1_1(sim: Simulator) -> None:
+    sim.forbid("lab")
+    sim.add_room("xray", 4)
+    assert sim.snapshot_url == f"http://127.0.0.1:{sim.port}{SNAPSHOT_PATH}"
+    status, headers, body = await aget(f"{sim.snapshot_url}?room=opd-1&room=lab&room=nope&room=xray&room=opd-1")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "no-store"
+    assert headers["ETag"].startswith('"') and headers["ETag"].endswith('"')
+    opd = sim.rooms["opd-1"]
+    assert json.loads(body) == {
+        "rooms": [
+            {"room": "opd-1", "patients": 5, "now_serving": opd.now_serving, "seq": 1, "ts": opd.ts},
+            {"room": "lab", "error": "forbidden"},
+            {"room": "nope", "error": "unknown_room"},
+            {"room": "xray", "patients": 4, "now_serving": sim.rooms["xray"].now_serving, "seq": 1,
+             "ts": sim.rooms["xray"].ts},
+        ],
+        "poll": 5,
+    }
+    # The daemon's own parser reads it as the contract says.
+    result = SnapshotDecoder().decode(body, ["opd-1", "lab", "nope", "xray"])
+    assert isinstance(result, Snapshot) and result.dropped == () and result.poll == 5.0
+    assert result.rooms["opd-1"] == RoomSnapshot("opd-1", 5, opd.now_serving, opd.ts, 1)
+    assert result.rooms["lab"] == RoomRefused("lab", "forbidden")
+    assert result.rooms["nope"] == RoomRefused("nope", "unknown_room")
+    assert sim.snapshot_last_rooms == ("opd-1", "lab", "nope", "xray")
+    assert sim.snapshot_requests == {"served": 1, "not_modified": 0, "refused": 0}
+    assert (sim.handshakes, sim.connections) == (0, 0)  # not a WebSocket handshake
+
+    status, _, body = await aget(sim.snapshot_url)
+    assert (status, sim.snapshot_requests["refused"]) == (400, 1)
+
+
+async def test_snapshot_etag_and_304(sim: Simulator) -> None:
+    url = f"{sim.snapshot_url}?room=opd-1"
+    status, headers, body = await aget(url)
+    etag = headers["ETag"]
+    for match in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+        status, headers, body = await aget(url, {"If-None-Match": match})
+        assert (status, headers["ETag"], headers["Cache-Control"], body) == (304, etag, "no-store", b"")
+    assert (await aget(url, {"If-None-Match": '"other"'}))[0] == 200
+    # Another room set is another answer: another ETag.
+    assert (await aget(f"{sim.snapshot_url}?room=lab", {"If-None-Match": etag}))[0] == 200
+
+    sim.set_queue("opd-1", 6)
+    status, headers, body = await aget(url, {"If-None-Match": etag})
+    assert status == 200 and headers["ETag"] != etag
+    assert json.loads(body)["rooms"][0]["patients"] == 6
+    sim.set_snapshot_poll(2.5)  # the poll is part of the answer too
+    status, _, body = await aget(url, {"If-None-Match": headers["ETag"]})
+    assert status == 200 and json.loads(body)["poll"] == 2.5
+    sim.set_snapshot_poll(None)
+    assert "poll" not in json.loads((await aget(url))[2])
+    assert sim.snapshot_requests == {"served": 6, "not_modified": 4, "refused": 0}
+    assert sim.state()["snapshot"] == {"served": 6, "not_modified": 4, "refused": 0,
+                                       "refusing": None, "poll": None, "raw": False}
+
+
+async def test_snapshot_token_header_and_query() -> None:
+    async with Simulator(token="s3cret", initial_patients={"opd-1": 1, "lab": 2}) as sim:
+        url = f"{sim.snapshot_url}?room=lab"
+        for target, headers in ((url, None), (url + "&token=nope", None),
+                                (url, {"Authorization": "Bearer wrong"})):
+            status, response_headers, _ = await aget(target, headers)
+            assert (status, response_headers["WWW-Authenticate"]) == (401, "Bearer")
+        status, _, body = await aget(url, {"Authorization": "Bearer s3cret"})
+        assert status == 200 and json.loads(body)["rooms"][0]["patients"] == 2
+        assert (await aget(url + "&token=s3cret"))[0] == 200
+        assert sim.snapshot_tokens_seen == ["", "nope", "wrong", "s3cret", "s3cret"]
+        assert sim.tokens_seen == [] and sim.handshakes == 0
+        assert sim.snapshot_requests == {"served": 2, "not_modified": 0, "refused": 3}
+        sim.set_token(None)
+        assert (await aget(url))[0] == 200
+
+
+async def test_snapshot_refusals_are_apart_from_the_socket(sim: Simulator) -> None:
+    url = f"{sim.snapshot_url}?room=opd-1"
+    for status, retry in ((503, 7), (429, 0.5), (403, None), (401, None)):
+        sim.refuse_snapshot(status, retry_after=retry)
+        got, headers, _ = await aget(url)
+        assert got == status
+        assert headers["Retry-After"] == (None if retry is None else str(retry).removesuffix(".0"))
+        assert headers["Cache-Control"] == "no-store"
+    async with connect(sim.url) as ws:  # the socket is fine meanwhile
+        await recv_type(ws, "hello")
+    sim.refuse_snapshot(None)
+    sim.refuse(503, retry_after=3)  # and the other way round
+    assert (await aget(url))[0] == 200
+    await expect_refused(sim.url, 503)
+    assert sim.snapshot_requests == {"served": 1, "not_modified": 0, "refused": 4}
+    with pytest.raises(ValueError):
+        sim.refuse_snapshot(999)
+
+
+async def test_snapshot_raw_body_for_bad_input_tests(sim: Simulator) -> None:
+    url = f"{sim.snapshot_url}?room=opd-1"
+    for raw in ("<html>not json</html>", b"x" * (1024 * 1024 + 1), b'{"rooms":[{"room":"opd-1","patients":-1}]}'):
+        sim.set_snapshot_raw(raw)
+        status, headers, body = await aget(url)
+        assert (status, body) == (200, raw.encode() if isinstance(raw, str) else raw)
+        assert headers["ETag"]
+    assert sim.state()["snapshot"]["raw"] is True
+    sim.set_snapshot_raw(None)
+    assert json.loads((await aget(url))[2])["rooms"][0]["room"] == "opd-1"
+
+
+@pytest.mark.parametrize("mode", ["426", "400", "200", "403"])
+async def test_broken_upgrades_answered_like_a_proxy(sim: Simulator, mode: str) -> None:
+    sim.break_upgrades(mode)
+    response = await expect_refused(sim.url, int(mode))
+    if mode == "426":
+        assert response.headers["Upgrade"] == "websocket"
+    await expect_refused(sim.url + "?token=x", int(mode))
+    assert (sim.upgrades_broken, sim.handshakes, sim.connections) == (2, 0, 0)
+    assert sim.state()["break_upgrades"] == mode and sim.state()["upgrades_broken"] == 2
+    # Plain HTTP passes: the snapshot is the way round.
+    assert (await aget(f"{sim.snapshot_url}?room=opd-1"))[0] == 200
+    sim.break_upgrades(None)
+    async with connect(sim.url) as ws:
+        await recv_type(ws, "hello")
+    assert (sim.upgrades_broken, sim.handshakes) == (2, 1)
+
+
+async def test_broken_upgrades_cut_after_n_seconds(sim: Simulator) -> None:
+    sim.break_upgrades("cut", cut_after=0.2)
+    loop = asyncio.get_running_loop()
+    async with connect(sim.url) as ws:
+        started = loop.time()
+        await recv_type(ws, "hello")
+        await ws.send(json.dumps({"type": "join", "room": "opd-1"}))
+        assert (await recv_type(ws, "queue"))["patients"] == 5
+        assert await expect_close(ws) == 1006  # no close frame: TCP was cut
+        assert loop.time() - started >= 0.15
+    await sim.wait_until(lambda: sim.active == 0)
+    assert (sim.upgrades_cut, sim.handshakes, sim.connections) == (1, 1, 1)
+    assert sim.close_codes == [1006]
+    sim.break_upgrades("off")
+    async with connect(sim.url) as ws:  # a connection made after the fix is not cut
+        await recv_type(ws, "hello")
+        await ws.send(json.dumps({"type": "ping"}))
+        assert await recv(ws) == {"type": "pong"}
+    assert sim.upgrades_cut == 1
+    for bad in ("404", "cut-everything"):
+        with pytest.raises(ValueError):
+            sim.break_upgrades(bad)
+    with pytest.raises(ValueError):
+        sim.break_upgrades("cut", cut_after=-1)
+
+
+async def test_http_control_of_snapshot_and_broken_upgrades(sim: Simulator) -> None:
+    base = f"http://127.0.0.1:{sim.port}/control"
+    status, _, body = await aget(f"{base}/break?mode=403")
+    assert status == 200 and json.loads(body)["break_upgrades"] == "403"
+    await expect_refused(sim.url, 403)
+    status, _, body = await aget(f"{base}/break?mode=cut&after=0.1")
+    state = json.loads(body)
+    assert (state["break_upgrades"], state["cut_after"], state["upgrades_broken"]) == ("cut", 0.1, 1)
+    async with connect(sim.url) as ws:
+        await recv_type(ws, "hello")
+        assert await expect_close(ws) == 1006
+    await sim.wait_until(lambda: sim.upgrades_cut == 1)
+    assert (await aget(f"{base}/break?mode=bogus"))[0] == 400
+    assert (await aget(f"{base}/break?mode=cut&after=x"))[0] == 400
+    status, _, body = await aget(f"{base}/break?mode=off")
+    assert json.loads(body)["break_upgrades"] is None
+
+    status, _, body = await aget(f"{base}/snapshot?refuse=429&retry_after=3&poll=2")
+    assert json.loads(body)["snapshot"]["refusing"] == 429
+    status, headers, _ = await aget(f"{sim.snapshot_url}?room=lab")
+    assert (status, headers["Retry-After"]) == (429, "3")
+    status, _, body = await aget(f"{base}/snapshot?refuse=0")
+    assert json.loads(body)["snapshot"]["refusing"] is None
+    assert json.loads((await aget(f"{sim.snapshot_url}?room=lab"))[2])["poll"] == 2
+    await aget(f"{base}/snapshot?poll=0")
+    assert "poll" not in json.loads((await aget(f"{sim.snapshot_url}?room=lab"))[2])
+    assert (await aget(f"{base}/snapshot?refuse=abc"))[0] == 400
+    state = json.loads((await aget(f"{base}/state"))[2])
+    assert state["snapshot"] == {"served": 2, "not_modified": 0, "refused": 1,
+                                 "refusing": None, "poll": None, "raw": False}
+
+
+async def test_cli_snapshot_and_broken_upgrade_options(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    assert (defaults.snapshot_path, defaults.snapshot_poll, defaults.break_upgrades, defaults.cut_after) == (
+        SNAPSHOT_PATH, 5.0, None, 3.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--break-upgrades", "404"])
+    args = parser.parse_args(["--port", "0", "--rooms", "a", "--snapshot-path", "/rooms", "--snapshot-poll", "0",
+                              "--break-upgrades", "426"])
+    ready: asyncio.Future[Simulator] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_from_args(args, on_ready=ready.set_result))
+    try:
+        async with asyncio.timeout(DEADLINE):
+            sim = await ready
+        await expect_refused(sim.url, 426)
+        status, _, body = await aget(f"http://127.0.0.1:{sim.port}/rooms?room=a")
+        assert status == 200 and "poll" not in json.loads(body)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    out = capsys.readouterr().out
+    assert f"snapshot: http://127.0.0.1:{sim.port}/rooms" in out and "upgrades broken: 426" in out

@@ -3,6 +3,8 @@
 The demo and the tests need an upstream that follows the contract exactly, and that can
 also misbehave on demand (refuse handshakes, go silent, close with any code, send junk)
 so the daemon's defences can be exercised in-process without a real hospital system.
+It also serves the HTTP snapshot of PROTOCOL.md 1.1 (the fallback) on the same port, and can
+break WebSocket upgrades the way a proxy does, so that fallback can be exercised too.
 
 Standalone on purpose: standard library plus ``websockets`` only, no project imports,
 so the contract it embodies never drifts with the daemon's own code.
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import email.utils
+import hashlib
 import hmac
 import http
 import json
@@ -26,14 +30,20 @@ from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import EXTERNAL_CLOSE_CODES
 from websockets.http11 import Request, Response
 
-__all__ = ["RoomQueue", "Simulator", "add_arguments", "run_from_args"]
+__all__ = ["BREAK_MODES", "SNAPSHOT_PATH", "RoomQueue", "Simulator", "add_arguments", "run_from_args"]
 
 WS_PATH = "/ws/waiting-room"
+SNAPSHOT_PATH = "/api/waiting-room/rooms"
 CONTROL_PREFIX = "/control"
+DEFAULT_SNAPSHOT_POLL = 5.0
+# How a proxy breaks upgrades: "426"/"400" (Upgrade stripped, the server answers the plain
+# GET), "200"/"403" (the proxy answers itself), "cut" (upgraded, then cut after N seconds).
+BREAK_MODES = ("426", "400", "200", "403", "cut")
 MAX_PATIENTS = 40
 MAX_FRAME = 64 * 1024
 CLOSE_HEARTBEAT_MISSED = 4008
@@ -126,6 +136,8 @@ class Simulator:
         pong_timeout: float = 10.0,
         send_hello: bool = True,
         initial_patients: Mapping[str, int] | None = None,
+        snapshot_path: str = SNAPSHOT_PATH,
+        snapshot_poll: float | None = DEFAULT_SNAPSHOT_POLL,
     ) -> None:
         names = [rooms] if isinstance(rooms, str) else list(rooms)
         if heartbeat <= 0 or pong_timeout <= 0:
@@ -153,10 +165,20 @@ class Simulator:
         self._silent = False
         self._refuse_status: int | None = None
         self._retry_after: float | None = None
+        if not snapshot_path.startswith("/") or snapshot_path.rstrip("/") in ("", CONTROL_PREFIX):
+            raise ValueError("snapshot_path must be an absolute path outside /control")
+        self.snapshot_path = snapshot_path
+        self.snapshot_poll = snapshot_poll  # None: the field is left out (clients assume 5)
+        self._snapshot_refuse: int | None = None
+        self._snapshot_retry_after: float | None = None
+        self._snapshot_raw: bytes | None = None
+        self._break_mode: str | None = None
+        self._cut_after = 3.0
 
         self.host = "127.0.0.1"
         self.port: int | None = None
         self.url: str | None = None
+        self.snapshot_url: str | None = None
         self.handshakes = 0
         self.connections = 0
         self.tokens_seen: list[str] = []
@@ -166,6 +188,12 @@ class Simulator:
         self.frames_received = 0
         # The close code of each ended connection (the client's, when it closed first).
         self.close_codes: list[int | None] = []
+        # Snapshot requests by outcome: 200, 304, and anything else (401/403/429/503/400).
+        self.snapshot_requests = {"served": 0, "not_modified": 0, "refused": 0}
+        self.snapshot_tokens_seen: list[str] = []
+        self.snapshot_last_rooms: tuple[str, ...] = ()
+        self.upgrades_broken = 0  # upgrades answered by the "proxy" (never reach the server)
+        self.upgrades_cut = 0  # upgraded connections cut without a close frame
 
         self._clients: set[_Client] = set()
         self._changed = asyncio.Event()
@@ -191,6 +219,7 @@ class Simulator:
         self.port = self._server.sockets[0].getsockname()[1]
         netloc = f"[{host}]" if ":" in host else host
         self.url = f"ws://{netloc}:{self.port}{WS_PATH}"
+        self.snapshot_url = f"http://{netloc}:{self.port}{self.snapshot_path}"
         if self.tick > 0:
             self._tick_task = asyncio.create_task(self._tick_loop(), name="simulator-tick")
 
@@ -245,6 +274,16 @@ class Simulator:
             "silent": self._silent,
             "refusing": self._refuse_status,
             "auth": self._token is not None,
+            "snapshot": {
+                **self.snapshot_requests,
+                "refusing": self._snapshot_refuse,
+                "poll": self.snapshot_poll,
+                "raw": self._snapshot_raw is not None,
+            },
+            "break_upgrades": self._break_mode,
+            "cut_after": self._cut_after if self._break_mode == "cut" else None,
+            "upgrades_broken": self.upgrades_broken,
+            "upgrades_cut": self.upgrades_cut,
             "rooms": {
                 name: {"patients": q.patients, "now_serving": q.now_serving, "seq": q.seq}
                 for name, q in self.rooms.items()
@@ -333,6 +372,48 @@ class Simulator:
         """Token accepted from now on; None or "" disables auth. Open connections stay."""
         self._token = token or None
 
+    def refuse_snapshot(self, status: int | None, retry_after: float | None = None) -> None:
+        """Refuse later snapshot requests with ``status`` (and ``Retry-After``); None stops.
+
+        Independent of :meth:`refuse`, which refuses handshakes only: the socket and the REST
+        API can fail apart.
+        """
+        if status is not None:
+            http.HTTPStatus(status)
+        self._snapshot_refuse = status
+        self._snapshot_retry_after = retry_after if status is not None else None
+
+    def set_snapshot_poll(self, poll: float | None) -> None:
+        """The ``poll`` the snapshot announces (not checked: tests push odd values); None omits it."""
+        self.snapshot_poll = poll
+
+    def set_snapshot_raw(self, body: str | bytes | None) -> None:
+        """Answer snapshot requests (that pass the token check) with exactly this 200 body,
+        for bad-input tests (oversized, not JSON, bad entries); None serves real ones again."""
+        self._snapshot_raw = body.encode() if isinstance(body, str) else body
+
+    def break_upgrades(self, mode: str | int | None, cut_after: float = 3.0) -> None:
+        """Break later WebSocket upgrades the way a proxy does; None (or "off") stops.
+
+        ``"426"`` or ``"400"``: the Upgrade header was stripped, the server answers the plain
+        GET; ``"200"`` or ``"403"``: the proxy answers itself (such requests are counted in
+        ``upgrades_broken``, not ``handshakes``: the server never sees them); ``"cut"``: the
+        upgrade succeeds and the connection is cut, without a close frame, ``cut_after``
+        seconds later (connections upgraded in this mode only). The snapshot, plain HTTP,
+        is never broken.
+        """
+        name = None if mode is None else str(mode).strip().lower()
+        if name in (None, "", "off", "none", "0"):
+            self._break_mode = None
+        elif name in BREAK_MODES:
+            if cut_after < 0:
+                raise ValueError("cut_after must be >= 0")
+            self._break_mode = name
+            self._cut_after = float(cut_after)
+        else:
+            raise ValueError(f"break mode must be one of {', '.join(BREAK_MODES)} or off")
+        self._notify()
+
     async def send_raw(self, data: str | bytes) -> None:
         """Queue this exact frame to every open connection (for bad-input tests).
 
@@ -404,6 +485,10 @@ class Simulator:
         parts = urlsplit(request.path)
         if parts.path == CONTROL_PREFIX or parts.path.startswith(CONTROL_PREFIX + "/"):
             return await self._control(connection, parts.path, parts.query)
+        if parts.path == self.snapshot_path:
+            return self._snapshot(request, parts.query)
+        if self._break_mode is not None and self._break_mode != "cut":
+            return self._broken_upgrade(self._break_mode)
         self.handshakes += 1
         token = self._presented_token(request, parts.query)
         self.tokens_seen.append(token)
@@ -429,14 +514,18 @@ class Simulator:
                 self._send(client, {"type": "hello", "heartbeat": _json_number(self.heartbeat)})
             if self._single is not None and self._single in self.rooms:
                 self._send(client, self._queue_frame(self._single, roomed=False))
+            cut_after = self._cut_after if self._break_mode == "cut" else None
             async with asyncio.TaskGroup() as group:
                 writer = group.create_task(self._writer(client))
                 beat = group.create_task(self._heartbeat(client))
+                cutter = None if cut_after is None else group.create_task(self._cut(client, cut_after))
                 try:
                     await self._reader(client)
                 finally:
                     writer.cancel()
                     beat.cancel()
+                    if cutter is not None:
+                        cutter.cancel()
         finally:
             self._clients.discard(client)
             self.close_codes.append(ws.close_code)
@@ -455,6 +544,13 @@ class Simulator:
                 await client.ws.send(item.data)
             except ConnectionClosed:
                 return
+
+    async def _cut(self, client: _Client, after: float) -> None:
+        """What a proxy with an idle or session timeout does: drop TCP, no close frame."""
+        await asyncio.sleep(after)
+        self.upgrades_cut += 1
+        client.ws.transport.abort()
+        self._notify()
 
     async def _heartbeat(self, client: _Client) -> None:
         """Ping every ``heartbeat`` s; close with 4008 when no pong comes in time."""
@@ -523,6 +619,94 @@ class Simulator:
             self._send(client, {"type": "joined", "room": room})
             self._send(client, self._queue_frame(room, roomed=True))
 
+    # ---------------------------------------------------- HTTP snapshot (1.1)
+
+    @staticmethod
+    def _http(status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",
+              headers: Mapping[str, str] | None = None) -> Response:
+        """A plain HTTP response (the connection closes after it, as websockets does)."""
+        code = http.HTTPStatus(status)
+        fields = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close")])
+        if code != http.HTTPStatus.NOT_MODIFIED:  # a 304 has no body, nor its length
+            fields["Content-Length"] = str(len(body))
+            fields["Content-Type"] = content_type
+        for name, value in (headers or {}).items():
+            fields[name] = value
+        return Response(code.value, code.phrase, fields, body)
+
+    def _snapshot_refused(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> Response:
+        self.snapshot_requests["refused"] += 1
+        self._notify()
+        return self._http(status, text.encode(), headers={"Cache-Control": "no-store", **(headers or {})})
+
+    def _snapshot(self, request: Request, query: str) -> Response:
+        """GET <snapshot path>?room=…: the rooms' current state, as PROTOCOL.md 1.1 says."""
+        token = self._presented_token(request, query)
+        self.snapshot_tokens_seen.append(token)
+        rooms = tuple(dict.fromkeys(parse_qs(query, keep_blank_values=True).get("room", [])))
+        self.snapshot_last_rooms = rooms
+        if self._snapshot_refuse is not None:
+            extra = {}
+            if self._snapshot_retry_after is not None:
+                extra["Retry-After"] = f"{_json_number(self._snapshot_retry_after)}"
+            return self._snapshot_refused(self._snapshot_refuse, "refused by simulator\n", extra)
+        expected = self._token
+        if expected is not None and not hmac.compare_digest(token.encode(), expected.encode()):
+            return self._snapshot_refused(401, "token missing, invalid or expired\n", {"WWW-Authenticate": "Bearer"})
+        if self._snapshot_raw is not None:
+            body = self._snapshot_raw
+        elif not rooms:
+            return self._snapshot_refused(400, "no room parameter\n")
+        else:
+            body = self._snapshot_body(rooms)
+        # The ETag is the body's digest: any change of a count, ticket, seq or poll changes it.
+        etag = '"' + hashlib.sha256(body).hexdigest()[:24] + '"'
+        headers = {"ETag": etag, "Cache-Control": "no-store"}
+        if self._if_none_match(request) & {etag, "*"}:
+            self.snapshot_requests["not_modified"] += 1
+            self._notify()
+            return self._http(304, headers=headers)
+        self.snapshot_requests["served"] += 1
+        self._notify()
+        return self._http(200, body, "application/json", headers)
+
+    def _snapshot_body(self, rooms: Iterable[str]) -> bytes:
+        entries: list[dict[str, Any]] = []
+        for room in rooms:
+            if room in self._forbidden:
+                entries.append({"room": room, "error": "forbidden"})
+            elif room not in self.rooms:
+                entries.append({"room": room, "error": "unknown_room"})
+            else:
+                entries.append(self._queue_frame(room, roomed=True))
+                del entries[-1]["type"]
+        payload: dict[str, Any] = {"rooms": entries}
+        if self.snapshot_poll is not None:
+            payload["poll"] = _json_number(self.snapshot_poll)
+        return json.dumps(payload).encode()
+
+    @staticmethod
+    def _if_none_match(request: Request) -> set[str]:
+        tags: set[str] = set()
+        for value in request.headers.get_all("If-None-Match"):
+            for tag in value.split(","):
+                tags.add(tag.strip().removeprefix("W/"))
+        return tags
+
+    def _broken_upgrade(self, mode: str) -> Response:
+        """The answer a WebSocket upgrade gets behind a proxy that breaks it."""
+        self.upgrades_broken += 1
+        self._notify()
+        if mode == "426":  # what websockets itself answers to a GET without Upgrade
+            return self._http(426, b"Failed to open a WebSocket connection: missing Upgrade header.\n",
+                              headers={"Upgrade": "websocket"})
+        if mode == "400":
+            return self._http(400, b"Failed to open a WebSocket connection: missing Connection header.\n")
+        page = b"<!doctype html><title>Proxy</title><p>%s</p>\n"
+        if mode == "403":
+            return self._http(403, page % b"Access denied by the web proxy.", "text/html; charset=utf-8")
+        return self._http(200, page % b"Welcome to the hospital network.", "text/html; charset=utf-8")
+
     # ------------------------------------------------------------- HTTP control
 
     def _json_response(self, connection: ServerConnection, status: int, payload: Any) -> Response:
@@ -556,6 +740,16 @@ class Simulator:
                 self.refuse(status or None, float(retry) if retry else None)
             elif action == "token":
                 self.set_token(params.get("value") or None)
+            elif action == "snapshot":
+                if "refuse" in params:
+                    retry = params.get("retry_after")
+                    self.refuse_snapshot(int(params["refuse"] or "0") or None, float(retry) if retry else None)
+                if "poll" in params:
+                    poll = float(params["poll"] or "0")
+                    self.set_snapshot_poll(poll or None)
+            elif action == "break":
+                after = params.get("after")
+                self.break_upgrades(params.get("mode", "off"), float(after) if after else 3.0)
             else:
                 return self._json_response(connection, 404, {"error": "unknown control path"})
         except (KeyError, ValueError) as exc:
@@ -579,6 +773,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mean seconds between queue changes, 0 to freeze (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible queues")
     parser.add_argument("--single-room", action="store_true", help="send the unroomed single-room form")
+    parser.add_argument("--snapshot-path", default=SNAPSHOT_PATH,
+                        help="path of the HTTP snapshot on the same port (default: %(default)s)")
+    parser.add_argument("--snapshot-poll", type=float, default=DEFAULT_SNAPSHOT_POLL,
+                        help="the snapshot's poll in seconds, 0 to leave it out (default: %(default)s)")
+    parser.add_argument("--break-upgrades", choices=BREAK_MODES, default=None,
+                        help="break WebSocket upgrades like a proxy: answer 426/400 (Upgrade stripped), "
+                             "200/403 (the proxy answers), or cut upgraded connections (default: off)")
+    parser.add_argument("--cut-after", type=float, default=3.0,
+                        help="with --break-upgrades cut: seconds before the cut (default: %(default)s)")
 
 
 async def run_from_args(
@@ -596,13 +799,21 @@ async def run_from_args(
         tick=args.tick,
         seed=args.seed,
         single_room=args.single_room,
+        snapshot_path=getattr(args, "snapshot_path", SNAPSHOT_PATH),
+        snapshot_poll=getattr(args, "snapshot_poll", DEFAULT_SNAPSHOT_POLL) or None,
     )
+    if getattr(args, "break_upgrades", None):
+        simulator.break_upgrades(args.break_upgrades, args.cut_after)
     await simulator.start(args.host, args.port)
     try:
         netloc = f"[{simulator.host}]" if ":" in simulator.host else simulator.host
         print(
             f"simulator listening on {simulator.url} "
-            f"(control: http://{netloc}:{simulator.port}{CONTROL_PREFIX}/state)",
+            f"(control: http://{netloc}:{simulator.port}{CONTROL_PREFIX}/state; "
+            f"snapshot: {simulator.snapshot_url}"
+            + (f"; upgrades broken: {simulator.state()['break_upgrades']}" if getattr(args, "break_upgrades", None)
+               else "")
+            + ")",
             flush=True,
         )
         if on_ready is not None:
