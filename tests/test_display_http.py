@@ -284,7 +284,8 @@ async def test_healthz_follows_upstream_and_mqtt(sim, broker):
 
 
 async def test_200_screens_share_one_upstream_connection(sim, broker):
-    config = make_config(sim.url, broker.port, display={"listen": "127.0.0.1:0"})
+    # All from one address: its limit (20 by default) raised for the test.
+    config = make_config(sim.url, broker.port, display={"listen": "127.0.0.1:0", "max_clients_per_address": 200})
     async with running(config) as app:
         svc = app.display
         await wait_store(app, lambda: app.store.rooms["opd-1"].patients == 5)

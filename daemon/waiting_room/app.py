@@ -11,6 +11,7 @@ from typing import Callable, Coroutine, Final, Literal
 
 from .config import Config, ConfigError, load_config
 from .display.server import DisplayService
+from .logutil import LoopExceptionLog
 from .mqtt import MqttPublisher
 from .statefile import StateFile, state_directory
 from .store import RoomStore
@@ -76,6 +77,17 @@ class App:
 
     async def run(self) -> None:
         """Until request_stop(); a crash of any part propagates (systemd restarts us)."""
+        # Errors the event loop reports itself (e.g. asyncio's accept() retried every second
+        # when descriptors run out) are logged once per kind and minute, with a count.
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+        loop.set_exception_handler(LoopExceptionLog())
+        try:
+            await self._run()
+        finally:
+            loop.set_exception_handler(previous)
+
+    async def _run(self) -> None:
         if self.state_file is not None:
             restored = self.state_file.restore()
             if restored:

@@ -53,8 +53,12 @@ def _load(path: str) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     import faulthandler
 
+    from .display.limits import raise_fd_limit
+
     config = _load(args.config)
     _setup_logging(args.log_level or config.log_level)
+    # As many descriptors as allowed: the display's budget is this minus a reserve.
+    raise_fd_limit()
     # A watchdog kill (SIGABRT) then leaves the blocked loop's Python traceback in the journal.
     faulthandler.enable()
     asyncio.run(_run(config, args.config))

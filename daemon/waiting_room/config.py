@@ -195,6 +195,10 @@ class DisplayConfig(_Strict):
     # A program run on each change, e.g. ["/usr/local/bin/sign", "{room}", "{patients}"].
     command: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
     command_timeout: Seconds = Seconds(10.0)
+    # Screens (WebSocket clients) in all, and from one address (an IPv6 /64 counts as one);
+    # beyond them a client gets 503 + Retry-After. Both also bound the open connections.
+    max_clients: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 500
+    max_clients_per_address: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 20
 
     def __post_init__(self) -> None:
         _split_listen(self.listen)

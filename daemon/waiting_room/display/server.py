@@ -5,6 +5,12 @@ a fixed whitelist of static files, /healthz) and lets only ``/ws`` upgrade. Each
 its own store subscription: it receives the whole current state first, then coalesced
 changes, so a slow screen lags on its own (and gets the latest numbers when it catches up)
 while every other screen and the one upstream connection carry on.
+
+No client can hurt the rest of the daemon: every TCP connection is counted from the moment it
+is accepted (``_Connection``), and one that would eat into the descriptors kept for the
+upstream, the broker and the rest, or one too many from an address, is answered with a canned
+503 and closed at once; ``/ws`` requests beyond ``max_clients`` (in all, or from one address)
+get a 503 too. See ``limits.py``.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import http
 import ipaddress
 import logging
 import time
-from typing import Callable, Final, Iterable, Mapping
+from functools import partial
+from typing import Any, Callable, Final, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -27,7 +35,8 @@ from websockets.http11 import Request, Response
 from ..credentials import SecretError, read_secret_file
 from ..config import DisplayConfig, RoomConfig
 from ..store import Batch, RoomStore
-from . import render
+from . import limits, render
+from .limits import Budget, ConnectionLimits
 from .render import Assets, PageOptions
 from ..logutil import RateLimitedLog
 from .signs import SignDriver
@@ -37,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_INCOMING: Final = 4096  # pages send nothing; anything bigger is misuse
 MAX_BUFFER: Final = 256 * 1024  # a screen whose unsent data grows past this is dropped
 PING_INTERVAL: Final = 20.0  # RFC 6455 pings: reap browsers that vanished without a close
+PING_TIMEOUT: Final = 10.0  # ... unanswered this long: a dead kiosk's socket is freed within 30 s
 OPEN_TIMEOUT: Final = 10.0  # a request must arrive whole within this (slowloris)
 CLOSE_TIMEOUT: Final = 2.0
 
@@ -64,6 +74,59 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _canned_refusal(reason: str) -> bytes:
+    """Sent before the request is read: the same for every request (pages, /ws, /healthz)."""
+    body = b"too many connections, retry later\n"
+    headers = [
+        ("Retry-After", str(limits.RETRY_AFTER)),
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        *render.SECURITY_HEADERS,
+        ("X-Refused", reason),
+        ("Connection", "close"),
+    ]
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers)
+    return f"HTTP/1.1 503 Service Unavailable\r\n{head}\r\n".encode() + body
+
+
+_REFUSALS: Final = {reason: _canned_refusal(reason) for reason in limits.REASON_TEXT}
+
+
+class _Connection(ServerConnection):
+    """Counts itself from accept to close (every state: before its request, pages, screens),
+    and refuses itself at once, before any handshake task exists, when over the limits."""
+
+    def __init__(self, *args: Any, counts: ConnectionLimits, on_refused: Callable[[str, str], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.counts = counts
+        self.on_refused = on_refused
+        self.address = "?"
+        self.counted = False
+        self.client = False  # holds a screen's slot (taken in process_request)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.address = limits.address_key(transport.get_extra_info("peername"))
+        sock = transport.get_extra_info("socket")
+        self.counted = True
+        reason = self.counts.opened(self.address, sock.fileno() if sock is not None else None)
+        if reason is None:
+            super().connection_made(transport)
+            return
+        Connection.connection_made(self, transport)  # no handshake: answered and closed now
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_REFUSALS[reason])
+        transport.close()
+        self.on_refused(reason, self.address)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted:
+            self.counted = False
+            self.counts.closed(self.address, self.client)
+            self.client = False
+        super().connection_lost(exc)
 
 
 class _View:
@@ -112,6 +175,8 @@ class DisplayService:
         self._assets: Assets | None = None
         self._token: bytes | None = None
         self._slow = RateLimitedLog(log)
+        self._refusals = RateLimitedLog(log)
+        self.limits: ConnectionLimits | None = None
 
     def update_rooms(self, rooms: Iterable[RoomConfig]) -> None:
         """A reload changed the rooms: pages and ``/ws`` follow at once, and open pages learn
@@ -166,6 +231,16 @@ class DisplayService:
                 "display: listening on %s without display.access_token: anyone who can reach it sees the pages",
                 self.cfg.listen,
             )
+        budget = Budget.plan(self.cfg.max_clients, self.cfg.max_clients_per_address, limits.soft_fd_limit())
+        if budget.clamped:
+            log.warning(
+                "display: display.max_clients %d does not fit the descriptor limit (RLIMIT_NOFILE %s, of which "
+                "%d are kept for the upstream, the broker and the rest): at most %d screens; raise LimitNOFILE "
+                "or lower display.max_clients",
+                self.cfg.max_clients, limits.soft_fd_limit(), limits.RESERVE_FDS + budget.accept_batch,
+                budget.max_clients,
+            )
+        self.limits = ConnectionLimits(budget)
         try:
             return await serve(
                 self._connection,
@@ -177,9 +252,11 @@ class DisplayService:
                 max_size=MAX_INCOMING,
                 max_queue=4,
                 ping_interval=PING_INTERVAL,
-                ping_timeout=PING_INTERVAL,
+                ping_timeout=PING_TIMEOUT,
                 open_timeout=OPEN_TIMEOUT,
                 close_timeout=CLOSE_TIMEOUT,
+                create_connection=partial(_Connection, counts=self.limits, on_refused=self._refused),
+                backlog=budget.accept_batch,
             )
         except OSError as exc:
             log.error("display: cannot listen on %s: %s", self.cfg.listen, exc.strerror or exc)
@@ -271,7 +348,7 @@ class DisplayService:
                 404, "Unknown room", "This display server has no such room. Check the room id in the address."
             )
         if path == "/ws":
-            return self._check_origin(request)
+            return self._check_origin(request) or self._take_client(connection)
         locale = self._page_locale(room, query.get("lang", [None])[0])
         shown = [self.rooms[room]] if room is not None else list(self.rooms.values())
         body = render.render_page(shown, room, locale, self._assets, self.page_options)
@@ -293,8 +370,28 @@ class DisplayService:
                 return self._message(403, "Forbidden", "Cross-origin connections are not allowed.")
         return None
 
+    def _take_client(self, connection: ServerConnection) -> Response | None:
+        """The screen limits, checked when the request arrives. The slot is taken here, so
+        that screens still in their handshake count, and given back when the connection closes."""
+        if self.limits is None or not isinstance(connection, _Connection) or connection.client:
+            return None
+        reason = self.limits.take_client(connection.address)
+        if reason is None:
+            connection.client = True
+            return None
+        self._refused(reason, connection.address)
+        return self._respond(
+            503, b"too many displays, retry later\n", "text/plain; charset=utf-8",
+            [("Retry-After", str(limits.RETRY_AFTER)), ("Cache-Control", "no-store")],
+        )
+
+    def _refused(self, reason: str, address: str) -> None:
+        self._refusals.warning("display: refused a client from %s: %s", address, limits.REASON_TEXT[reason])
+
     def _health(self) -> Response:
         extra: dict[str, object] = {"display_clients": self.clients, "slow_clients": self.slow_clients}
+        if self.limits is not None:
+            extra.update(self.limits.stats())
         if self.signs is not None:
             extra["signs"] = self.signs.stats()
         status, body = render.health(
