@@ -37,7 +37,8 @@ def parse_duration(value: object) -> Seconds:
     if isinstance(value, bool):
         raise ValueError("expected a number > 0")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        # abs() first: float() of an integer beyond the float range raises OverflowError.
+        seconds = float(value) if abs(value) < 10**7 else float("inf")
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
@@ -54,8 +55,10 @@ def _dec_hook(kind: type, value: Any) -> Any:
 
 
 def _check_topic(name: str, value: str) -> None:
-    if not value or _TOPIC_BAD.search(value) or value.startswith("/") or value.endswith("/"):
-        raise ValueError(f"{name}: expected an MQTT topic without +, #, NUL or a leading or trailing /")
+    if not value or _TOPIC_BAD.search(value) or "" in value.split("/"):
+        raise ValueError(
+            f"{name}: expected an MQTT topic without +, #, NUL, an empty level or a leading or trailing /"
+        )
 
 
 class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -309,7 +312,10 @@ def _describe(exc: msgspec.ValidationError, data: Any) -> str:
     message = re.sub(r", got (a|an|true|nothing) \S.*$", "", message)
     found, value = _lookup(data, path)
     if found and not isinstance(value, (dict, list)):
-        shown = json.dumps(value, ensure_ascii=False, default=str)
+        try:
+            shown = json.dumps(value, ensure_ascii=False, default=str)
+        except ValueError:  # an integer beyond Python's int-to-str limit (4300 digits)
+            shown = "a number too long to show"
         if len(shown) > 60:
             shown = shown[:57] + "..."
         message += f", got {shown}"
@@ -344,4 +350,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{name}: {where}invalid YAML: {problem}") from None
+    except ValueError as exc:  # a scalar the YAML constructor cannot build: 2024-02-30, 5,000 digits
+        raise ConfigError(f"{name}: invalid YAML: {exc}") from None
     return parse_config(data, name)

@@ -103,6 +103,8 @@ class FrameDecoder:
             return self._classify(data, exc)
         except msgspec.DecodeError:
             return Dropped("not JSON")
+        except UnicodeEncodeError:  # a lone surrogate: text that no UTF-8 frame can carry
+            return Dropped("not UTF-8")
         except RecursionError:
             return Dropped("nested too deeply")
 
@@ -115,6 +117,10 @@ class FrameDecoder:
             return Dropped("nested too deeply")
         if frame_type not in KNOWN_TYPES:
             return Ignored(frame_type[:32])
+        if str(exc).endswith("`$.type`"):
+            # Two type fields (the tag is read from the first, frame_type from the last):
+            # msgspec's message would quote the first one, which may hold anything.
+            return Dropped("conflicting type fields")
         # msgspec's message names the field and the rule, never the offending value.
         return Dropped(f"invalid {frame_type} frame: {exc}")
 
