@@ -724,11 +724,6 @@ rfc3339_texts = st.from_regex(
 )
 
 
-@pytest.mark.xfail(
-    reason="known bug outside the pure modules: upstream.parse_ts accepts a ts whose UTC time is outside "
-    "years 1..9999, and mqtt.rfc3339 (state_payload) then raises ValueError out of the MQTT publisher",
-    strict=False,
-)
 @props(200)
 @given(ts=st.one_of(rfc3339_texts, st.text(max_size=64)))
 @example(ts="0001-01-01T00:00:00+14:00")

@@ -88,8 +88,8 @@ class UpstreamConfig(_Strict):
     backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
     # None: twice the server's hello heartbeat plus 5 s (PROTOCOL.md).
     heartbeat_timeout: Seconds | None = None
-    # Silence this long brings a ping (PROTOCOL.md's client ping and an RFC 6455 ping); no
-    # answer within ping_timeout drops the link: a half-open one is noticed within their sum.
+    # Silence this long brings a client ``ping`` (PROTOCOL.md); no answer within ping_timeout
+    # drops the link: a half-open one is noticed within their sum.
     ping_interval: Seconds = Seconds(5.0)
     ping_timeout: Seconds = Seconds(4.0)
     # A connection must be joined and receiving this long before the backoff resets.

@@ -52,7 +52,10 @@ def client_identifier(cfg: MqttConfig) -> str:
 def rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
-    moment = datetime.fromtimestamp(ts, timezone.utc)
+    try:
+        moment = datetime.fromtimestamp(ts, timezone.utc)
+    except (ValueError, OverflowError, OSError):  # e.g. from a hand-edited state file
+        return None
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

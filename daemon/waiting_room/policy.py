@@ -178,7 +178,7 @@ def liveness(
 ) -> tuple[Liveness, float]:
     """The watchdog's decision and when to look again.
 
-    Any arrival counts as an answer (a frame, or the pong of a control ping). A half-open
+    Any frame from the server counts as an answer. A half-open
     link is declared dead at most ``interval + timeout`` after its last arrival, whatever the
     server's own heartbeat; ``silence_limit`` (PROTOCOL.md's bound) stays as a backstop.
     """

@@ -84,6 +84,12 @@ def parse_ts(ts: str | None) -> float | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
+    try:
+        # A time that is not a moment in years 1..9999 in UTC (0001-01-01T00:00+14:00) would
+        # fail later, where it is published: it is no time at all.
+        moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        return None
     return moment.timestamp()
 
 
