@@ -155,6 +155,26 @@ def test_mqtt_username_without_password_is_fine():
     assert config.mqtt.username == "waiting-room"
 
 
+def test_no_fallback_by_default():
+    upstream = parse_config(FULL, SOURCE).upstream
+    assert upstream.fallback is None and upstream.proxy is None
+
+
+def test_fallback_and_proxy():
+    config = parse_config(
+        variant(
+            ("upstream.fallback", {"url": "https://queue.example/api/rooms?site=a", "interval": "2s"}),
+            ("upstream.proxy", "http://proxy.example:3128"),
+        ),
+        SOURCE,
+    )
+    fallback = config.upstream.fallback
+    assert fallback is not None
+    assert (fallback.url, fallback.interval, fallback.after) == ("https://queue.example/api/rooms?site=a", 2.0, 10.0)
+    assert config.upstream.proxy == "http://proxy.example:3128"
+    assert parse_config(variant(("upstream.proxy", "http://user:secret@10.0.0.1:8080/")), SOURCE).upstream.proxy
+
+
 def test_close_code_overrides():
     config = parse_config(variant(("upstream.close_codes", {4401: "refresh_token", 1000: "prompt"})), SOURCE)
     assert config.upstream.close_codes == {4401: "refresh_token", 1000: "prompt"}
@@ -253,6 +273,18 @@ ERRORS = [
     ("upstream.close_codes", {99: "prompt"}, "upstream.close_codes"),
     ("upstream.close_codes", {4401: "explode"}, "upstream.close_codes"),
     ("log_level", "loud", "log_level"),
+    # the snapshot fallback and the proxy
+    ("upstream.fallback", "https://queue.example/api/rooms", "upstream.fallback"),
+    ("upstream.fallback", {}, "upstream.fallback.url"),
+    ("upstream.fallback", {"url": "wss://queue.example/api"}, "upstream.fallback.url"),
+    ("upstream.fallback", {"url": "https://"}, "upstream.fallback.url"),
+    ("upstream.fallback", {"url": "https://q/api", "interval": 0}, "upstream.fallback.interval"),
+    ("upstream.fallback", {"url": "https://q/api", "after": "soon"}, "upstream.fallback.after"),
+    ("upstream.fallback", {"url": "https://q/api", "intervall": 3}, "upstream.fallback.intervall"),
+    ("upstream.proxy", "proxy.example:3128", "upstream.proxy"),
+    ("upstream.proxy", "socks5://proxy.example:1080", "upstream.proxy"),
+    ("upstream.proxy", "http://proxy.example:3128/path", "upstream.proxy"),
+    ("upstream.proxy", 3128, "upstream.proxy"),
 ]
 
 
@@ -272,6 +304,8 @@ def test_errors_are_one_line_naming_file_and_key(path, value, key):
         ("upstream.url", "http://x/ws", "ws://"),
         ("mqtt.base_topic", "a/+", "+"),
         ("upstream.token_in", "body", "header or query"),
+        ("upstream.fallback", {"url": "ws://q/api"}, "http:// or https://"),
+        ("upstream.proxy", "proxy:3128", "http://host:port"),
     ],
 )
 def test_error_says_what_was_expected(path, value, words):

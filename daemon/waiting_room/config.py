@@ -77,6 +77,23 @@ class BackoffConfig(_Strict):
 TokenIn = Literal["header", "query"]
 CloseAction = Literal["backoff", "prompt", "at_least_max", "refresh_token", "auth_failed"]
 
+_HTTP_URL: Final = re.compile(r"^https?://[^/?#\s]+([/?#]\S*)?$")
+_PROXY_URL: Final = re.compile(r"^https?://([^/?#\s@]+@)?[^/?#\s@:]+(:\d{1,5})?/?$")
+
+
+class FallbackConfig(_Strict):
+    """The HTTP snapshot polled while no socket is joined (docs/protocol.md, "The snapshot")."""
+
+    url: str
+    # The shortest interval between polls; the server's ``poll`` may raise it, never lower it.
+    interval: Seconds = Seconds(5.0)
+    # How long without a joined socket before polling starts.
+    after: Seconds = Seconds(10.0)
+
+    def __post_init__(self) -> None:
+        if not _HTTP_URL.match(self.url):
+            raise ValueError("url: expected an http:// or https:// URL")
+
 
 class UpstreamConfig(_Strict):
     url: str
@@ -102,6 +119,11 @@ class UpstreamConfig(_Strict):
     token_renew_before: Seconds = Seconds(60.0)
     # Operators' overrides of PROTOCOL.md's close-code table, e.g. {4401: refresh_token}.
     close_codes: dict[int, CloseAction] = {}
+    # The snapshot to poll while the socket cannot be had; None: no polling.
+    fallback: FallbackConfig | None = None
+    # An HTTP proxy for both the socket (CONNECT) and the snapshot; None: the environment's
+    # https_proxy / http_proxy / no_proxy apply.
+    proxy: str | None = None
 
     def __post_init__(self) -> None:
         if not re.match(r"^wss?://[^/?#\s]+", self.url):
@@ -120,6 +142,8 @@ class UpstreamConfig(_Strict):
         for code in self.close_codes:
             if not 1000 <= code <= 4999:
                 raise ValueError(f"close_codes: {code}: expected a close code 1000..4999")
+        if self.proxy is not None and not _PROXY_URL.match(self.proxy):
+            raise ValueError("proxy: expected an http://host:port proxy URL")
 
     @property
     def token_argv(self) -> list[str] | None:
