@@ -811,8 +811,10 @@ async def screen_flood(c: Chaos, rng: random.Random) -> str:
     try:
         for _ in range(count):
             with contextlib.suppress(OSError, TimeoutError):
+                # Someone else on the LAN: other loopback addresses than the monitoring's.
+                source = f"127.0.{rng.randint(1, 3)}.{rng.randint(1, 250)}" if rng.random() < 0.8 else "127.0.0.1"
                 async with asyncio.timeout(1):
-                    _, writer = await asyncio.open_connection("127.0.0.1", c.display_port)
+                    _, writer = await asyncio.open_connection("127.0.0.1", c.display_port, local_addr=(source, 0))
                 opened.append(writer)
                 if rng.random() < 0.5:  # half start a WebSocket handshake, half say nothing
                     writer.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"

@@ -84,10 +84,16 @@ def test_connections_per_address_and_in_all():
     c.closed("a", client=False)
     c.closed("a", client=False)
     assert c.opened("a") is None
-    # In all: max_clients + HTTP_ROOM connections, whichever address.
+    # In all: max_clients + HTTP_ROOM connections, whichever address; then HEALTH_ROOM more
+    # that may ask for /healthz alone; then refusals.
     c = ConnectionLimits(Budget.plan(max_clients=2, max_per_address=1, soft_limit=None))
-    reasons = [c.opened(f"10.0.0.{i}") for i in range(2 + limits.HTTP_ROOM + 1)]
-    assert reasons[:-1] == [None] * (2 + limits.HTTP_ROOM) and reasons[-1] == limits.TOO_MANY_CONNECTIONS
+    full, health = 2 + limits.HTTP_ROOM, limits.HEALTH_ROOM
+    reasons = [c.opened(f"10.0.{i // 200}.{i % 200}") for i in range(full + health + 1)]
+    assert reasons[:full] == [None] * full
+    assert reasons[full:-1] == [limits.HEALTH_ONLY] * health
+    assert reasons[-1] == limits.TOO_MANY_CONNECTIONS
+    assert c.refuse_beyond_health() == limits.TOO_MANY_CONNECTIONS
+    assert c.stats()["refused_by_reason"] == {limits.TOO_MANY_CONNECTIONS: 2}
 
 
 def test_a_high_descriptor_number_is_refused_whatever_the_count():
@@ -272,6 +278,26 @@ async def test_idle_connections_from_one_address_are_refused_at_once_and_healthz
         await until(lambda: svc.limits.open == 0, "the idle connections to be closed")
         status, headers, body = await get(port, "/healthz", "127.0.0.2")
         assert headers["content-type"] == "application/json"
+
+
+async def test_when_every_slot_is_held_healthz_still_answers_and_nothing_else_does():
+    # A flood from many addresses (each within its allowance) holds every connection the
+    # budget has: a monitor's /healthz still gets the truth, a page gets the 503.
+    async with serving(display(max_clients=1), ROOMS, store()) as svc:
+        port = svc.port
+        full = svc.limits.budget.max_open
+        idle = [await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.{i // 8 + 1}.{i % 8 + 1}", 0))
+                for i in range(full)]
+        try:
+            await until(lambda: svc.limits.open == full, "the flood to be counted")
+            status, headers, body = await get(port, "/healthz", "127.0.0.9")
+            assert status == 503 and headers["content-type"] == "application/json"  # 503: no upstream here
+            assert json.loads(body)["open_connections"] == full + 1
+            status, headers, _ = await get(port, "/", "127.0.0.9")
+            assert status == 503 and headers["retry-after"] == str(limits.RETRY_AFTER)
+        finally:
+            for _, writer in idle:
+                writer.transport.abort()
 
 
 async def test_the_event_loop_handler_is_installed_while_the_daemon_runs(sim, broker):

@@ -28,6 +28,9 @@ MAX_ACCEPT_BATCH: Final = 100
 # kept for them in the total, and allowed per address on top of max_clients_per_address.
 HTTP_ROOM: Final = 64
 HTTP_PER_ADDRESS: Final = 8
+# Beyond max_open, this many more connections are taken for /healthz alone (anything else
+# gets the 503): monitoring keeps working while a flood holds every other slot.
+HEALTH_ROOM: Final = 32
 RETRY_AFTER: Final = 5  # seconds, in every refusal
 
 # Reasons, as counted in /healthz.
@@ -35,6 +38,7 @@ TOO_MANY_CONNECTIONS: Final = "connections"  # open connections would eat into t
 TOO_MANY_FROM_ADDRESS: Final = "address_connections"  # one address holds too many connections
 TOO_MANY_CLIENTS: Final = "clients"  # display.max_clients screens
 TOO_MANY_CLIENTS_FROM_ADDRESS: Final = "address_clients"  # display.max_clients_per_address
+HEALTH_ONLY: Final = "health_only"  # not a refusal: this connection may ask for /healthz only
 REASON_TEXT: Final = {
     TOO_MANY_CONNECTIONS: "too many open connections (descriptor reserve)",
     TOO_MANY_FROM_ADDRESS: "too many open connections from this address",
@@ -91,6 +95,7 @@ class Budget:
     """What the display may hold, from the config and the descriptor limit."""
 
     max_open: int  # TCP connections in every state, in all
+    health_open: int  # and up to this many when the request is for /healthz
     max_clients: int  # screens in all (display.max_clients, clamped to fit)
     per_address_open: int
     per_address_clients: int
@@ -109,8 +114,10 @@ class Budget:
             ceiling = max(HTTP_ROOM + 1, soft_limit - RESERVE_FDS - batch)
             max_open = min(max_clients + HTTP_ROOM, ceiling)
         fitting = max(1, max_open - HTTP_ROOM)
+        health_open = max_open + HEALTH_ROOM if ceiling is None else min(max_open + HEALTH_ROOM, ceiling)
         return cls(
             max_open=max_open,
+            health_open=health_open,
             max_clients=min(max_clients, fitting),
             per_address_open=max_per_address + HTTP_PER_ADDRESS,
             per_address_clients=max_per_address,
@@ -133,18 +140,26 @@ class ConnectionLimits:
 
     def opened(self, key: str, fd: int | None = None) -> str | None:
         """A TCP connection was accepted; it is counted whatever the answer (it holds a
-        descriptor until ``closed``). A reason means: refuse it at once."""
+        descriptor until ``closed``). A reason means: refuse it at once; ``HEALTH_ONLY``: take
+        it, but answer nothing but /healthz."""
         self.open += 1
         self._open_by[key] += 1
         b = self.budget
         reason = None
-        if self.open > b.max_open or (b.fd_ceiling is not None and fd is not None and fd >= b.fd_ceiling):
+        if self.open > b.health_open or (b.fd_ceiling is not None and fd is not None and fd >= b.fd_ceiling):
             reason = TOO_MANY_CONNECTIONS
         elif self._open_by[key] > b.per_address_open:
             reason = TOO_MANY_FROM_ADDRESS
+        elif self.open > b.max_open:
+            return HEALTH_ONLY
         if reason is not None:
             self.refused[reason] += 1
         return reason
+
+    def refuse_beyond_health(self) -> str:
+        """A connection taken for /healthz alone asked for something else."""
+        self.refused[TOO_MANY_CONNECTIONS] += 1
+        return TOO_MANY_CONNECTIONS
 
     def take_client(self, key: str) -> str | None:
         """A ``/ws`` request: None takes a screen's slot (give it back with ``closed``)."""

@@ -106,13 +106,15 @@ class _Connection(ServerConnection):
         self.address = "?"
         self.counted = False
         self.client = False  # holds a screen's slot (taken in process_request)
+        self.health_only = False  # taken beyond the budget: /healthz and nothing else
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.address = limits.address_key(transport.get_extra_info("peername"))
         sock = transport.get_extra_info("socket")
         self.counted = True
         reason = self.counts.opened(self.address, sock.fileno() if sock is not None else None)
-        if reason is None:
+        if reason is None or reason == limits.HEALTH_ONLY:
+            self.health_only = reason is not None
             super().connection_made(transport)
             return
         Connection.connection_made(self, transport)  # no handshake: answered and closed now
@@ -316,6 +318,13 @@ class DisplayService:
         if request.method != "GET":
             return self._respond(
                 405, b"method not allowed\n", "text/plain; charset=utf-8", [("Allow", "GET")]
+            )
+        if getattr(connection, "health_only", False) and path != "/healthz":
+            reason = self.limits.refuse_beyond_health()
+            self._refused(reason, connection.address)  # type: ignore[attr-defined]
+            return self._respond(
+                503, limits.REASON_TEXT[reason].encode() + b"\n", "text/plain; charset=utf-8",
+                [("Retry-After", str(limits.RETRY_AFTER)), ("Cache-Control", "no-store")],
             )
         if path.startswith("/static/"):
             asset = self._assets.static.get(path[len("/static/"):])
