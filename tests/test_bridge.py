@@ -97,6 +97,24 @@ async def test_frozen_server_is_noticed_by_client_ping_whatever_its_heartbeat(si
         await watcher.wait_topic("waiting-room/upstream", "connected", timeout=5)
 
 
+async def test_joins_a_server_dropped_while_frozen_are_sent_again(sim, broker, watcher):
+    # Found by bench/chaos: a server frozen while the daemon reconnected dropped its joins;
+    # thawed, it answered pings, so the connection looked alive but no room was ever joined.
+    config = make_config(sim.url, broker.port, upstream__connect_timeout=0.5, upstream__ping_interval=30)
+    async with running(config):
+        await watcher.wait_topic("waiting-room/upstream", "connected")
+        sim.set_silent(True)
+        joins = len(sim.joins)
+        await sim.close_all(1012)
+        await watcher.wait_topic("waiting-room/upstream", "disconnected")
+        await sim.wait_until(lambda: len(sim.joins) >= joins + 2)  # arrived, and dropped
+        sim.set_silent(False)
+        sim.set_queue("lab", 6)
+        await watcher.wait_topic("waiting-room/upstream", "connected", timeout=5)
+        await watcher.wait_topic("waiting-room/lab/patients", "6")
+        assert sim.connections == 2  # the same connection, joined at last
+
+
 async def test_quiet_server_that_answers_pings_stays_connected(sim, broker, watcher):
     config = make_config(sim.url, broker.port, upstream__ping_interval=0.05, upstream__ping_timeout=0.5)
     async with running(config):

@@ -107,9 +107,14 @@ def test_parse_ts_garbage_is_none(ts):
     assert parse_ts(ts) is None
 
 
-@pytest.mark.parametrize("ts", ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00"])
-def test_parse_ts_extreme_years_do_not_raise(ts):
-    assert isinstance(parse_ts(ts), float)
+@pytest.mark.parametrize("ts", ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00"])
+def test_parse_ts_outside_years_1_to_9999_in_utc_is_no_time(ts):
+    assert parse_ts(ts) is None  # it could not be published (mqtt.rfc3339) or shown
+
+
+def test_parse_ts_extreme_years_in_utc_are_kept():
+    assert isinstance(parse_ts("0001-01-01T00:00:00"), float)
+    assert isinstance(parse_ts("9999-12-31T23:59:59Z"), float)
 
 
 # -- RateLimitedLog ----------------------------------------------------------------------

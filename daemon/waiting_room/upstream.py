@@ -128,6 +128,7 @@ class _Session:
         try:
             for room in self.up.room_ids:
                 await self.ws.send(protocol.join_frame(room))
+                self._await_answer(room)
             async with asyncio.TaskGroup() as tg:
                 watchdog = tg.create_task(self._watchdog())
                 rejoin = tg.create_task(self._rejoin())
@@ -276,6 +277,7 @@ class _Session:
                         await self.ws.send(protocol.join_frame(room))
                     except ConnectionClosed:
                         return  # the reader sees the close too
+                    self._await_answer(room)
             if self._retry_at:
                 self._retry_wake.clear()
                 wait = min(self._retry_at.values()) - self._loop.time()
@@ -292,6 +294,15 @@ class _Session:
             await self.ws.send(protocol.leave_frame(room))
         for room in added:
             await self.ws.send(protocol.join_frame(room))
+            self._await_answer(room)
+
+    def _await_answer(self, room: str) -> None:
+        """A join the server never answers (it was frozen when the join arrived, and dropped
+        it) is sent again after connect_timeout; ``joined`` or ``error`` replaces this."""
+        if self.single_room:
+            return  # the single-room form needs no join
+        self._retry_at[room] = self._loop.time() + float(self.up.cfg.connect_timeout)
+        self._retry_wake.set()
 
 
 class Upstream:
