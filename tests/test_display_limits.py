@@ -61,8 +61,10 @@ def test_address_key(peer, key):
 def test_budget_from_the_descriptor_limit():
     # The incident's limit: 512 - 64 reserved - 64 (one accept batch) for connections.
     b = Budget.plan(500, 20, 512)
-    assert (b.accept_batch, b.fd_ceiling, b.max_open) == (64, 384, 384)
-    assert b.max_clients == 384 - limits.HTTP_ROOM and b.clamped
+    # The last HEALTH_ROOM below the ceiling are for /healthz alone.
+    assert (b.accept_batch, b.fd_ceiling, b.health_open) == (64, 384, 384)
+    assert b.max_open == 384 - limits.HEALTH_ROOM
+    assert b.max_clients == 384 - limits.HEALTH_ROOM - limits.HTTP_ROOM and b.clamped
     assert (b.per_address_clients, b.per_address_open) == (20, 20 + limits.HTTP_PER_ADDRESS)
     # systemd's LimitNOFILE=8192: the configured numbers fit as they are.
     b = Budget.plan(500, 20, 8192)

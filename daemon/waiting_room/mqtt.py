@@ -15,7 +15,7 @@ import re
 import socket
 import time
 from datetime import datetime, timezone
-from typing import Final
+from typing import Any, Final
 
 import aiomqtt
 import msgspec
@@ -120,6 +120,28 @@ def upstream_payload(status: LinkStatus) -> str:
     return "disconnected" if status is LinkStatus.CONNECTING else status.value
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt 2.x hands paho's "socket wants to write" to the loop later, by descriptor
+    number. When the broker vanishes in between, the socket is closed by then: asyncio logs
+    an EBADF traceback, or the writer lands on whatever reused the number. Registered here
+    only if paho still holds that very socket, open."""
+
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        def write() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:  # a broken connection: aiomqtt's own handling
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            if client.socket() is sock and sock.fileno() != -1:
+                self._loop.add_writer(sock.fileno(), write)
+
+        # paho may call this from the executor thread that connects.
+        self._loop.call_soon_threadsafe(register)
+
+
 class MqttPublisher:
     def __init__(
         self,
@@ -152,7 +174,7 @@ class MqttPublisher:
 
     def _client(self, password: str | None) -> aiomqtt.Client:
         tls = aiomqtt.TLSParameters(ca_certs=self.cfg.ca_file) if self.cfg.ca_file else None
-        return aiomqtt.Client(
+        return _Client(
             self.cfg.host,
             self.cfg.port,
             username=self.cfg.username,

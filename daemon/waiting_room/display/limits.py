@@ -111,10 +111,11 @@ class Budget:
             ceiling = None
         else:
             batch = max(8, min(MAX_ACCEPT_BATCH, soft_limit // 8))
-            ceiling = max(HTTP_ROOM + 1, soft_limit - RESERVE_FDS - batch)
-            max_open = min(max_clients + HTTP_ROOM, ceiling)
+            ceiling = max(HTTP_ROOM + HEALTH_ROOM + 1, soft_limit - RESERVE_FDS - batch)
+            max_open = min(max_clients + HTTP_ROOM, ceiling - HEALTH_ROOM)
         fitting = max(1, max_open - HTTP_ROOM)
-        health_open = max_open + HEALTH_ROOM if ceiling is None else min(max_open + HEALTH_ROOM, ceiling)
+        # Up to the descriptor ceiling, connections beyond max_open are taken for /healthz.
+        health_open = max_open + HEALTH_ROOM if ceiling is None else ceiling
         return cls(
             max_open=max_open,
             health_open=health_open,
