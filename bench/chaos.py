@@ -425,6 +425,7 @@ class Chaos:
                 self._violate(f"{attempts} connection attempts in {elapsed:.1f} s (bound {allowed:.0f})")
             self._scan_log()
             self._sample(number)
+            await self.sample_tasks()
             injected += len(chosen)
             self.rounds.append(round_)
             mark = "ok" if not round_.violations else "VIOLATION"
@@ -587,7 +588,7 @@ class Chaos:
 
     async def sample_tasks(self) -> None:
         health = await self._healthz()
-        if health and isinstance(health.get("tasks"), int):
+        if health and isinstance(health.get("tasks"), int) and self.samples:
             self.samples[-1]["tasks"] = health["tasks"]
             if health["tasks"] > TASKS_LIMIT:
                 self._violate(f"{health['tasks']} asyncio tasks > {TASKS_LIMIT}")
@@ -613,6 +614,8 @@ class Chaos:
                        "max": max((s["rss_kb"] for s in self.samples), default=None)},
             "fds": {"start": first.get("fds"), "end": last.get("fds"),
                     "max": max((s["fds"] for s in self.samples), default=None)},
+            "tasks": {"start": first.get("tasks"), "end": last.get("tasks"),
+                      "max": max((s.get("tasks", 0) for s in self.samples), default=None)},
             "daemon_log_lines": self.log_lines,
             "skipped_kinds": sorted({k.name for k in FAULTS} - {k.name for k in self.kinds}),
             "samples": self.samples,
@@ -876,6 +879,7 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"{kind:18s} {entry['faults']:6d} {entry['worst_recovery_s']:13.2f} s {entry['violations']:11d}")
     print(f"RSS {report['rss_kb']['start']} → {report['rss_kb']['end']} kB (max {report['rss_kb']['max']}); "
           f"descriptors {report['fds']['start']} → {report['fds']['end']} (max {report['fds']['max']}); "
+          f"tasks {report['tasks']['start']} → {report['tasks']['end']} (max {report['tasks']['max']}); "
           f"daemon log {report['daemon_log_lines']} lines")
     if report["skipped_kinds"]:
         print(f"skipped (need root): {', '.join(report['skipped_kinds'])}")

@@ -398,7 +398,11 @@ class DisplayService:
         self._refusals.warning("display: refused a client from %s: %s", address, limits.REASON_TEXT[reason])
 
     def _health(self) -> Response:
-        extra: dict[str, object] = {"display_clients": self.clients, "slow_clients": self.slow_clients}
+        extra: dict[str, object] = {
+            "display_clients": self.clients,
+            "slow_clients": self.slow_clients,
+            "tasks": len(asyncio.all_tasks()),  # a leak shows here first (bench/chaos watches it)
+        }
         if self.limits is not None:
             extra.update(self.limits.stats())
         if self.signs is not None:
