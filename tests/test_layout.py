@@ -64,7 +64,12 @@ def test_consumers_never_import_each_other_nor_the_upstream():
             continue
         ours, _ = imports_of(path)
         assert not ours & (CONSUMERS - {name}), f"{path} imports {ours & CONSUMERS}"
-        assert "upstream" not in ours and "app" not in ours and "cli" not in ours, path
+        assert not ours & {"upstream", "poller", "app", "cli"}, path
+
+
+def test_the_poller_is_a_transport_like_the_upstream_socket():
+    """It fetches the snapshot and knows nothing of the store, the consumers or the policy."""
+    assert imports_of(PACKAGE / "poller.py")[0] <= {"snapshot"}
 
 
 def test_only_the_composition_root_wires_things():

@@ -235,6 +235,27 @@ def test_any_status_but_connected_marks_rooms_stale(store, status):
     assert store.rooms["opd-1"].stale is True
 
 
+def test_degraded_keeps_polled_rooms_fresh(store, clock):
+    """Values polled from the snapshot are live: ``degraded`` marks nothing stale, carries the
+    polling interval, and does not count as a socket connection."""
+    store.set_link(LinkStatus.CONNECTED)
+    store.apply_queue("opd-1", 4)
+    store.set_link(LinkStatus.DISCONNECTED, "handshake refused: HTTP 426")
+    assert store.rooms["opd-1"].stale is True
+    store.set_link(LinkStatus.DEGRADED, "handshake refused: HTTP 426", poll_interval=5.0)
+    store.apply_queue("opd-1", 6)
+    assert store.rooms["opd-1"].stale is False
+    assert store.link.poll_interval == 5.0 and store.link.connects == 1
+    assert store.link.status.live and store.link.status.feed == "poll"
+    clock.now += 1
+    store.set_link(LinkStatus.DEGRADED, "handshake refused: HTTP 426", poll_interval=5.0)
+    assert store.rooms["opd-1"].stale is False
+    store.set_link(LinkStatus.DISCONNECTED, "handshake refused: HTTP 426", poll_interval=5.0)
+    assert store.rooms["opd-1"].stale is True and store.link.poll_interval is None
+    assert not store.link.status.live and store.link.status.feed is None
+    assert LinkStatus.CONNECTED.feed == "socket"
+
+
 def test_connects_counts_transitions_to_connected(store, clock):
     assert store.link.connects == 0
     store.set_link(LinkStatus.CONNECTED)

@@ -15,6 +15,19 @@ class LinkStatus(str, enum.Enum):
     CONNECTED = "connected"  # joined and receiving
     DISCONNECTED = "disconnected"  # lost; reconnecting with backoff
     AUTH_FAILED = "auth_failed"  # token refused for good (4003 / 403): needs a human
+    # No socket, but fresh values from the polled HTTP snapshot (upstream.fallback): the
+    # rooms are live, only every few seconds instead of at once.
+    DEGRADED = "degraded"
+
+    @property
+    def live(self) -> bool:
+        """Values arrive (by the socket, or by polling): the rooms need not be stale."""
+        return self is LinkStatus.CONNECTED or self is LinkStatus.DEGRADED
+
+    @property
+    def feed(self) -> str | None:
+        """Where the values come from: ``socket``, ``poll``, or None while nothing arrives."""
+        return "socket" if self is LinkStatus.CONNECTED else "poll" if self is LinkStatus.DEGRADED else None
 
 
 class RoomState(msgspec.Struct, frozen=True):
@@ -41,7 +54,8 @@ class LinkState:
     """Health of the upstream connection (the counters of frames live on the store)."""
 
     status: LinkStatus = LinkStatus.CONNECTING
-    detail: str = ""  # short and human: "closed 1011", "handshake refused: HTTP 503"
+    detail: str = ""  # short and human: "closed 1011", "handshake refused: HTTP 503" (the socket's, while degraded)
     since: float = 0.0  # Unix seconds of the last status change
     retry_in: float | None = None  # seconds until the next attempt, while disconnected
     connects: int = 0  # successful connections since start
+    poll_interval: float | None = None  # while degraded: seconds between polls of the snapshot

@@ -197,19 +197,27 @@ class RoomStore:
         if current is not None and current.error is not None:
             self._put(replace(current, error=None))
 
-    def set_link(self, status: LinkStatus, detail: str = "", retry_in: float | None = None) -> None:
-        """Record the upstream's health; leaving ``connected`` marks every room stale at once."""
+    def set_link(
+        self,
+        status: LinkStatus,
+        detail: str = "",
+        retry_in: float | None = None,
+        poll_interval: float | None = None,
+    ) -> None:
+        """Record the upstream's health; a status that is not live (neither ``connected`` nor
+        ``degraded``) marks every room stale at once."""
         old = self.link
         if status is LinkStatus.CONNECTED and old.status is not LinkStatus.CONNECTED:
             connects = old.connects + 1
         else:
             connects = old.connects
         since = old.since if status is old.status else self._clock()
-        new = LinkState(status, detail, since, retry_in, connects)
+        new = LinkState(status, detail, since, retry_in, connects,
+                        poll_interval if status is LinkStatus.DEGRADED else None)
         if new == old:
             return
         self.link = new
-        if status is not LinkStatus.CONNECTED:
+        if not status.live:
             for state in list(self._rooms.values()):
                 if not state.stale:
                     self._put(replace(state, stale=True))

@@ -20,11 +20,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from . import protocol
-from .config import UpstreamConfig
+from .config import FallbackConfig, UpstreamConfig
 from .logutil import RateLimitedLog
 from .credentials import SecretError, TokenSource, file_signature, jwt_expiry
 from .model import LinkStatus
+from .poller import Body, Failed, NotModified, Refused, SnapshotClient
 from .policy import (
+    PROMPT_MAX_DELAY,
     Action,
     Liveness,
     ReconnectSchedule,
@@ -33,6 +35,7 @@ from .policy import (
     liveness,
     parse_retry_after,
 )
+from .snapshot import RoomRefused, Snapshot, SnapshotDecoder, snapshot_url
 from .store import RoomStore
 
 log = logging.getLogger(__name__)
@@ -325,6 +328,19 @@ class Upstream:
         self._last_failure: str | None = None
         # Set by reconfigure(): cuts a backoff pause short, or starts a make-before-break.
         self._reconfigured = asyncio.Event()
+        # The fallback (upstream.fallback): the socket's own state, and the poller's.
+        self._socket_link: tuple[LinkStatus, str, float | None] = (LinkStatus.CONNECTING, "", None)
+        self._joined = False  # a socket is joined and receiving
+        self._down_since = 0.0  # loop time since when no socket has been healthy
+        self._feed_event = asyncio.Event()  # a new one per change: no wake-up is lost
+        self._poll_every: float | None = None  # while the last poll succeeded
+        self._poll_problem: str | None = None
+        self._poll_auth_failed = False
+        self._poll_token_retried = False
+        self._next_poll_at = 0.0
+        self._etag: str | None = None
+        self._client_outdated = False
+        self._snapshots = SnapshotDecoder()
         self._apply(cfg)
 
     def _apply(self, cfg: UpstreamConfig) -> None:
@@ -346,6 +362,8 @@ class Upstream:
         self._apply(cfg)
         self._rotation_retry_at = 0.0
         self._reconfigured.set()
+        self._client_outdated = True  # the proxy or the snapshot URL may have changed
+        self._feed_notify()
 
     async def _pause(self, delay: float) -> None:
         """The backoff sleep, cut short by reconfigure()."""
@@ -367,7 +385,7 @@ class Upstream:
         if session is self._session and self.store.link.status is not LinkStatus.CONNECTED:
             log.info("upstream connected to %s, %d rooms", redact_url(self.cfg.url), len(self.room_ids))
             self._last_failure = None
-            self.store.set_link(LinkStatus.CONNECTED, "")
+            self._set_link(LinkStatus.CONNECTED, "")
 
     async def set_rooms(self, room_ids: Iterable[str]) -> None:
         """Join and leave on the live socket: a changed room list needs no reconnect."""
@@ -385,7 +403,9 @@ class Upstream:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        self._down_since = loop.time()
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._fallback(), name="upstream-fallback")
             while True:
                 session, delay = await self._attempt(loop, tg)
                 if session is None:
@@ -406,6 +426,8 @@ class Upstream:
             headers = {"Authorization": f"Bearer {token}"}
         return await connect(
             url,
+            # upstream.proxy, else what the environment says (https_proxy, no_proxy, ...).
+            proxy=self.cfg.proxy or True,
             additional_headers=headers,
             open_timeout=float(self.cfg.connect_timeout),
             close_timeout=CLOSE_TIMEOUT,
@@ -422,7 +444,7 @@ class Upstream:
         level = logging.DEBUG if detail == self._last_failure else logging.WARNING
         self._last_failure = detail
         log.log(level, "upstream %s; retrying in %.1f s", detail, delay, extra=fields)
-        self.store.set_link(status, detail, retry_in=delay)
+        self._set_link(status, detail, retry_in=delay)
 
     async def _attempt(
         self, loop: asyncio.AbstractEventLoop, tg: asyncio.TaskGroup
@@ -566,6 +588,8 @@ class Upstream:
             session.healthy_since is not None
             and loop.time() - session.healthy_since >= float(self.cfg.stable_after)
         )
+        if healthy:
+            self._down_since = loop.time()  # fallback.after counts from here
         action = action_for_close(code, self._overrides)
         token_changed = False
         if action is Action.REFRESH_TOKEN:
@@ -579,7 +603,191 @@ class Upstream:
         if link is LinkStatus.AUTH_FAILED:
             log.error("upstream: authorisation failed (%s); retrying every %.0f s", detail, decision.delay,
                       extra={"CLOSE_CODE": code})
-            self.store.set_link(link, detail, retry_in=decision.delay)
+            self._set_link(link, detail, retry_in=decision.delay)
         else:
             self._failed(link, f"lost: {detail}", decision.delay, CLOSE_CODE=code)
         return decision.delay
+
+    # -- the fallback: the snapshot, polled while no socket is joined ----------------------
+
+    def _feed_notify(self) -> None:
+        self._feed_event.set()
+        self._feed_event = asyncio.Event()
+
+    async def _feed_wait(self, timeout: float | None) -> None:
+        """Until the socket is joined or lost, the settings change, or ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._feed_event.wait()
+        except TimeoutError:
+            pass
+
+    def _set_link(self, status: LinkStatus, detail: str = "", retry_in: float | None = None) -> None:
+        """The socket's state; the world sees it combined with the poller's (``_show_link``)."""
+        self._socket_link = (status, detail, retry_in)
+        joined = status is LinkStatus.CONNECTED
+        if joined:
+            # The socket is back: polling stops, and a later polling period starts afresh.
+            self._poll_every = None
+            self._poll_problem = None
+            self._poll_auth_failed = False
+            self._etag = None
+        if joined != self._joined:
+            self._joined = joined
+            self._feed_notify()
+        self._show_link()
+
+    def _show_link(self) -> None:
+        """``connected`` with a socket; ``degraded`` while polls succeed without one (the detail
+        stays the socket's problem); else the socket's state, with the snapshot's problem."""
+        status, detail, retry_in = self._socket_link
+        if status is LinkStatus.CONNECTED:
+            self.store.set_link(status, detail)
+        elif self._poll_every is not None:
+            self.store.set_link(LinkStatus.DEGRADED, detail, retry_in, poll_interval=self._poll_every)
+        else:
+            if self._poll_problem:
+                detail = f"{detail}; snapshot: {self._poll_problem}" if detail else f"snapshot: {self._poll_problem}"
+            if self._poll_auth_failed:
+                status = LinkStatus.AUTH_FAILED
+            self.store.set_link(status, detail, retry_in)
+
+    async def _fallback(self) -> None:
+        """Polls ``fallback.url`` while no socket has been joined for ``fallback.after``
+        (counted from the end of the last healthy connection), never faster than the
+        interval or the server's ``poll``; stops the moment a socket is joined. The socket
+        loop goes on meanwhile, with its usual backoff. Idle without a fallback configured."""
+        loop = asyncio.get_running_loop()
+        client: SnapshotClient | None = None
+        try:
+            while True:
+                fallback = self.cfg.fallback
+                if fallback is None or self._joined or self._client_outdated:
+                    self._client_outdated = False
+                    if client is not None:
+                        await client.aclose()
+                        client = None
+                    if fallback is None and (self._poll_every is not None or self._poll_problem is not None):
+                        self._poll_state(None, None)  # the fallback was configured away
+                    if fallback is None or self._joined:
+                        await self._feed_wait(None)
+                        continue
+                due = max(self._down_since + float(fallback.after), self._next_poll_at)
+                if loop.time() < due:
+                    await self._feed_wait(due - loop.time())
+                    continue
+                if client is None:
+                    client = await SnapshotClient.create(proxy=self.cfg.proxy, timeout=float(self.cfg.connect_timeout))
+                try:
+                    delay = await self._poll(client, fallback)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug must cost a poll, never the daemon
+                    log.exception("upstream snapshot: poll failed")
+                    delay = float(fallback.interval)
+                self._next_poll_at = loop.time() + delay
+        finally:
+            if client is not None:
+                await client.aclose()
+
+    async def _poll(self, client: SnapshotClient, fallback: FallbackConfig) -> float:
+        """One poll, its outcome applied; returns the seconds until the next one."""
+        interval = float(fallback.interval)
+        try:
+            token = await self._read_token()
+        except SecretError as exc:
+            self._poll_failed(f"token unavailable: {exc}", interval)
+            return interval
+        rooms = self.room_ids
+        in_query = self.cfg.token_in == "query"
+        url = snapshot_url(fallback.url, rooms, token if in_query else None)
+        headers = {} if in_query else {"Authorization": f"Bearer {token}"}
+        if self._etag is not None:
+            headers["If-None-Match"] = self._etag
+        try:
+            async with asyncio.timeout(float(self.cfg.connect_timeout)):
+                outcome = await client.fetch(url, headers)
+        except TimeoutError:
+            outcome = Failed(f"no answer within {float(self.cfg.connect_timeout):g} s")
+        if self._joined or self.cfg.fallback is None:
+            return interval  # the socket came back meanwhile: its values are newer
+        if isinstance(outcome, Body):
+            return self._on_body(outcome, rooms, interval)
+        if isinstance(outcome, NotModified):
+            if self._poll_every is None:  # no ETag was sent: the server is confused
+                self._poll_failed("HTTP 304 without an ETag sent", interval)
+                return interval
+            return self._poll_every
+        if isinstance(outcome, Refused):
+            return await self._on_refused(outcome, token, interval)
+        self._poll_failed(self._describe_text(outcome.detail, token), interval)
+        return interval
+
+    def _on_body(self, body: Body, rooms: tuple[str, ...], interval: float) -> float:
+        decoded = self._snapshots.decode(body.data, rooms) if body.bad is None else protocol.Dropped(body.bad)
+        if isinstance(decoded, protocol.Dropped):
+            self.drop(decoded.reason)  # counted like a bad frame; nothing of it is shown
+            self._poll_failed(f"bad snapshot ({decoded.reason})", interval)
+            return interval
+        for reason in decoded.dropped:
+            self.drop(reason)
+        every = max(interval, decoded.poll)
+        self._etag = body.etag
+        self._poll_state(every, None)
+        self._apply_snapshot(decoded)
+        return every
+
+    def _apply_snapshot(self, snapshot: Snapshot) -> None:
+        store = self.store
+        for room, entry in snapshot.rooms.items():
+            current = store.rooms.get(room)
+            if current is None:
+                continue  # taken out of the config while the request was under way
+            if isinstance(entry, RoomRefused):
+                if current.error != entry.error:
+                    log.warning("upstream snapshot refused room %s: %s", room, entry.error,
+                                extra={"ROOM": room, "ROOM_ERROR": entry.error})
+                store.set_room_error(room, entry.error)
+            else:
+                store.apply_queue(room, entry.patients, entry.now_serving, parse_ts(entry.ts), entry.seq)
+
+    async def _on_refused(self, refused: Refused, token: str, interval: float) -> float:
+        """As for the handshake: 401 reads the token afresh (a new one is tried within 1 s,
+        once), 403 is an authorisation failure, 429/503 wait at least ``Retry-After``."""
+        status = refused.status
+        action = action_for_status(status)
+        retry_after = parse_retry_after(refused.retry_after, time.time())
+        if action is Action.REFRESH_TOKEN and not self._poll_token_retried and await self._token_changed(token):
+            self._poll_token_retried = True
+            return min(PROMPT_MAX_DELAY, interval)
+        self._poll_token_retried = False
+        if action is Action.AUTH_FAILED:
+            delay = max(interval, float(self.cfg.backoff.max))
+            self._poll_failed(f"HTTP {status}", delay, auth_failed=True)
+            return delay
+        delay = max(interval, retry_after or 0.0)
+        self._poll_failed(f"HTTP {status}", delay)
+        return delay
+
+    def _poll_failed(self, problem: str, delay: float, *, auth_failed: bool = False) -> None:
+        level = logging.DEBUG if problem == self._poll_problem else logging.WARNING
+        if auth_failed and problem != self._poll_problem:
+            level = logging.ERROR
+        log.log(level, "upstream snapshot: %s; polling again in %.1f s", problem, delay)
+        self._etag = None  # the next success is a full answer
+        self._poll_state(None, problem, auth_failed=auth_failed)
+
+    def _poll_state(self, every: float | None, problem: str | None, *, auth_failed: bool = False) -> None:
+        if every is not None and every != self._poll_every:
+            socket = self._socket_link[1] or self._socket_link[0].value
+            log.info("upstream degraded: polling %s every %g s (socket: %s)",
+                     redact_url(self.cfg.fallback.url) if self.cfg.fallback else "the snapshot", every, socket)
+        if every is not None:
+            self._poll_token_retried = False
+        self._poll_every = every
+        self._poll_problem = problem
+        self._poll_auth_failed = auth_failed
+        self._show_link()
+
+    def _describe_text(self, text: str, token: str) -> str:
+        return text.replace(token, "***") if token else text
