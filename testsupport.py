@@ -7,6 +7,7 @@ Nothing here imports pytest: a problem is a ``RuntimeError`` that each caller re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -39,6 +40,28 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, log: Pat
             return
         time.sleep(0.02)
     raise RuntimeError(f"{what} did not start listening on {port}")
+
+
+async def http_get(port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET", *,
+                   source: str = "127.0.0.1", timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 request to a loopback port, the target sent byte for byte, from a chosen
+    loopback source address (a flood from "other machines" comes from 127.0.x.y). Status 0:
+    the answer was not HTTP."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        try:
+            lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+            lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            raw = await reader.read()
+        finally:
+            writer.transport.abort()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    if not status_line.startswith("HTTP/"):
+        return 0, {}, body
+    parsed = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines if line)}
+    return int(status_line.split()[1]), parsed, body
 
 
 # -- /proc --------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import aiomqtt
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from testsupport import ROOT, Broker, Daemon, free_port, memory_kb, open_fds
+from testsupport import ROOT, Broker, Daemon, free_port, http_get, memory_kb, open_fds
 from waiting_room.simulator import WS_PATH, Simulator
 from waiting_room.statefile import FILE_NAME
 from waiting_room.statefile import load as load_state_file
@@ -267,19 +267,6 @@ class Screen:
 
     def live(self) -> bool:
         return self.connected and self.link == "connected" and any(not r["stale"] for r in self.rooms.values())
-
-
-async def http_get(port: int, path: str, timeout: float = 2.0, source: str = "127.0.0.1") -> tuple[int, bytes]:
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
-            data = await reader.read()
-        finally:
-            writer.transport.abort()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body
 
 
 # -- a run ------------------------------------------------------------------------------------
@@ -514,7 +501,7 @@ class Chaos:
 
     async def _healthz(self, source: str = "127.0.0.1") -> dict[str, Any] | None:
         try:
-            status, body = await http_get(self.display_port, "/healthz", source=source)
+            status, _, body = await http_get(self.display_port, "/healthz", source=source, timeout=2.0)
         except (OSError, TimeoutError, ValueError, IndexError):
             return None
         if status not in (200, 503):

@@ -17,6 +17,8 @@ from typing import Any, AsyncIterator
 
 import pytest
 
+from testsupport import http_get  # noqa: F401 (the pages' tests import it from here)
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -182,28 +184,6 @@ async def serving(cfg: Any, rooms: Any, store: Any, **kwargs: Any) -> AsyncItera
         await asyncio.wait({task, ready})
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
-
-
-async def http_get(port: int, target: str, headers: dict[str, str] | None = None,
-                   method: str = "GET", timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
-    """One raw HTTP/1.1 request, the target sent byte for byte (no client-side normalising)."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
-            lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-            await writer.drain()
-            raw = await reader.read()
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parsed = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        parsed[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), parsed, body
 
 
 async def eventually(predicate: Any, timeout: float = 10.0, what: str = "", interval: float = 0.02) -> None:

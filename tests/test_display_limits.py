@@ -21,8 +21,9 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from browser import http_get, serving
+from browser import serving
 from conftest import ROOT, daemon_command, free_port, write_config
+from testsupport import http_get
 from waiting_room.config import DisplayConfig, RoomConfig
 from waiting_room.display import limits
 from waiting_room.display.limits import Budget, ConnectionLimits, address_key
@@ -199,21 +200,6 @@ class Screen:
             self.writer = None
 
 
-async def get(port: int, path: str, source: str = "127.0.0.1", timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
-    """One plain GET from a chosen source address."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
-            raw = await reader.read()
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-    return int(lines[0].split(" ", 2)[1]), headers, body
-
-
 @contextlib.asynccontextmanager
 async def screens() -> AsyncIterator[list[Screen]]:
     held: list[Screen] = []
@@ -265,20 +251,20 @@ async def test_idle_connections_from_one_address_are_refused_at_once_and_healthz
                 assert b"\r\nX-Content-Type-Options: nosniff\r\n" in raw
             assert svc.limits.open == allowed
             # A monitor on another address is answered truthfully, with the refusals counted.
-            status, headers, body = await get(port, "/healthz", "127.0.0.9")
+            status, headers, body = await http_get(port, "/healthz", source="127.0.0.9")
             doc = json.loads(body)
             assert headers["content-type"] == "application/json"
             assert doc["refused_by_reason"] == {"address_connections": 20}
             assert doc["open_connections"] == allowed + 1
             # The flooding address's own /healthz is refused while it holds its allowance...
-            status, headers, body = await get(port, "/healthz", "127.0.0.2")
+            status, headers, body = await http_get(port, "/healthz", source="127.0.0.2")
             assert status == 503 and headers["x-refused"] == "address_connections"
         finally:
             for _, writer in idle:
                 writer.transport.abort()
         # ... and answered again once it lets go.
         await until(lambda: svc.limits.open == 0, "the idle connections to be closed")
-        status, headers, body = await get(port, "/healthz", "127.0.0.2")
+        status, headers, body = await http_get(port, "/healthz", source="127.0.0.2")
         assert headers["content-type"] == "application/json"
 
 
@@ -292,10 +278,10 @@ async def test_when_every_slot_is_held_healthz_still_answers_and_nothing_else_do
                 for i in range(full)]
         try:
             await until(lambda: svc.limits.open == full, "the flood to be counted")
-            status, headers, body = await get(port, "/healthz", "127.0.0.9")
+            status, headers, body = await http_get(port, "/healthz", source="127.0.0.9")
             assert status == 503 and headers["content-type"] == "application/json"  # 503: no upstream here
             assert json.loads(body)["open_connections"] == full + 1
-            status, headers, _ = await get(port, "/", "127.0.0.9")
+            status, headers, _ = await http_get(port, "/", source="127.0.0.9")
             assert status == 503 and headers["retry-after"] == str(limits.RETRY_AFTER)
         finally:
             for _, writer in idle:
