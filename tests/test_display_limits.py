@@ -367,7 +367,7 @@ async def test_a_connection_flood_under_512_descriptors_leaves_the_daemon_workin
         # /healthz answers a monitor on another address, and the flooding one too (it holds
         # its 20 screens, below its allowance of open connections).
         for source in ("127.0.0.1", "127.0.0.2"):
-            status, _, body = await get(port, "/healthz", source)
+            status, _, body = await http_get(port, "/healthz", source=source)
             doc = json.loads(body)
             assert status == 200, doc
             assert doc["refused_clients"] >= 1500 - len(held), doc
