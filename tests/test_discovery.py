@@ -103,6 +103,28 @@ def test_the_upstream_availability_maps_connected_to_online(disc):
     assert "connected" in upstream["value_template"] and "online" in upstream["value_template"]
 
 
+@pytest.mark.parametrize(
+    ("payload", "available", "on", "feed"),
+    [
+        ("connected", "online", "ON", "socket"),
+        ("degraded", "online", "ON", "poll"),  # polled values are fresh: rooms stay available
+        ("disconnected", "offline", "OFF", "none"),
+        ("auth_failed", "offline", "OFF", "none"),
+    ],
+)
+def test_upstream_templates_as_home_assistant_renders_them(disc, payload, available, on, feed):
+    jinja2 = pytest.importorskip("jinja2.sandbox")
+    env = jinja2.ImmutableSandboxedEnvironment()  # what Home Assistant's templates run in
+    room = disc.room_config("opd-1", "OPD 1")
+    upstream = next(e for e in room["availability"] if e["topic"] == f"{BASE}/upstream")
+    assert env.from_string(upstream["value_template"]).render(value=payload) == available
+    sensor = disc.upstream_config()
+    assert env.from_string(sensor["value_template"]).render(value=payload) == on
+    attributes = json.loads(env.from_string(sensor["json_attributes_template"]).render(value=payload))
+    assert attributes == {"status": payload, "feed": feed}
+    assert sensor["json_attributes_topic"] == f"{BASE}/upstream"
+
+
 def test_upstream_connectivity_binary_sensor(disc):
     topic = disc.upstream_topic
     assert topic == f"homeassistant/binary_sensor/{disc.node_id}/upstream/config"

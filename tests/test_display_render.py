@@ -75,6 +75,8 @@ def test_as_of_is_when_the_number_was_last_known_live():
     restored = LinkState(LinkStatus.DISCONNECTED, since=160.0, connects=0)
     assert as_of(live, restored) == 100.0  # from a previous run: as old as its last frame
     assert as_of(RoomState("lab", "Lab"), dropped) is None
+    polled = LinkState(LinkStatus.DEGRADED, since=160.0, connects=1, poll_interval=5.0)
+    assert as_of(RoomState("opd-1", "OPD 1", patients=4, received_at=170.0, stale=False), polled) == 170.0
 
 
 def test_state_frame_filters_to_the_page_room():
@@ -97,3 +99,20 @@ def test_health_needs_upstream_and_mqtt():
     assert health(up, {}, rooms, 0, 100.0)[0] == 503
     assert health(LinkState(LinkStatus.DISCONNECTED), {"mqtt": "connected"}, rooms, 0, 100.0)[0] == 503
     assert health(up, {}, rooms, 0, 100.0, required=())[0] == 200
+
+
+def test_degraded_is_working():
+    """Values polled from the snapshot are fresh: 200, and the document says how they come."""
+    rooms = {"opd-1": RoomState("opd-1", "OPD 1", patients=1, received_at=98.0, stale=False)}
+    degraded = LinkState(LinkStatus.DEGRADED, "handshake refused: HTTP 426", poll_interval=5.0)
+    status, body = health(degraded, {"mqtt": "connected"}, rooms, 0, 100.0)
+    doc = json.loads(body)
+    assert status == 200 and doc["status"] == "degraded" and doc["problems"] == []
+    assert doc["upstream"] | {"since": None} == {
+        "status": "degraded", "detail": "handshake refused: HTTP 426", "since": None, "connects": 0,
+        "feed": "poll", "poll_interval": 5.0}
+    assert health(degraded, {"mqtt": "disconnected"}, rooms, 0, 100.0)[0] == 503
+    frame = json.loads(state_frame(Batch({}, degraded), degraded, None, 1.0))
+    assert frame["link"]["feed"] == "poll" and frame["link"]["poll_interval"] == 5.0
+    connected = LinkState(LinkStatus.CONNECTED)
+    assert json.loads(health(connected, {"mqtt": "connected"}, rooms, 0, 100.0)[1])["upstream"]["feed"] == "socket"

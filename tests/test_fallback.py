@@ -200,3 +200,29 @@ async def test_unauthorised_poll_reads_the_token_again(poll_1s, broker, watcher,
         token.write_text("new-token\n")
         await watcher.wait_topic("waiting-room/upstream", "degraded", timeout=3)
         assert sim.snapshot_tokens_seen[-1] == "new-token"  # in the query, as token_in says
+
+
+async def test_healthz_and_the_status_line_say_degraded(poll_1s, broker, watcher):
+    import asyncio
+    import urllib.request
+
+    from waiting_room.systemd import status_text
+
+    sim = poll_1s
+    sim.break_upgrades("426")
+    config = fallback_config(sim, broker.port, display={"enabled": True, "listen": "127.0.0.1:0"})
+    async with running(config) as app:
+        await wait_store(app, lambda: app.store.link.status is LinkStatus.DEGRADED
+                         and app.store.components.get("mqtt") == "connected", timeout=5)
+
+        def get() -> tuple[int, dict]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{app.display.port}/healthz", timeout=5) as response:
+                return response.status, json.loads(response.read())
+
+        status, doc = await asyncio.to_thread(get)
+        assert status == 200 and doc["status"] == "degraded"
+        assert doc["upstream"]["status"] == "degraded" and doc["upstream"]["feed"] == "poll"
+        assert doc["upstream"]["poll_interval"] == INTERVAL
+        assert doc["rooms"]["opd-1"]["stale"] is False
+        assert status_text(app.store).startswith(
+            "upstream degraded: polling every 1 s (socket: handshake refused: HTTP 426) · 2 rooms")

@@ -184,6 +184,9 @@ def test_status_texts():
     store.apply_queue("a", 3)
     store.set_component("mqtt", "connected")
     assert status_text(store, 1002.0) == "upstream connected · 2 rooms · last update 2 s ago · mqtt connected"
+    store.set_link(LinkStatus.DEGRADED, "handshake refused: HTTP 426", retry_in=3, poll_interval=5.0)
+    assert status_text(store, 1002.0).startswith(
+        "upstream degraded: polling every 5 s (socket: handshake refused: HTTP 426) · 2 rooms")
 
 
 # -- reload in process: rooms on the live socket, upstream settings make-before-break ----------

@@ -89,8 +89,11 @@ def format_health(doc: dict, url: str, now: float) -> str:
     up = doc.get("upstream", {})
     since = up.get("since")
     when = _time.strftime("%H:%M:%S", _time.localtime(since)) if isinstance(since, (int, float)) else "?"
-    lines = [f"waiting-room at {url}: {'healthy' if doc.get('status') == 'ok' else 'UNHEALTHY'}"]
+    verdict = {"ok": "healthy", "degraded": "healthy, degraded (values polled from the snapshot)"}
+    lines = [f"waiting-room at {url}: {verdict.get(doc.get('status'), 'UNHEALTHY')}"]
     detail = f", {up['detail']}" if up.get("detail") else ""
+    if up.get("feed") == "poll" and isinstance(up.get("poll_interval"), (int, float)):
+        detail = f", polling every {up['poll_interval']:g} s" + (f" (socket: {up['detail']})" if up.get("detail") else "")
     lines.append(f"  upstream: {up.get('status', '?')} since {when}{detail}")
     for name, state in sorted(doc.get("components", {}).items()):
         lines.append(f"  {name}: {state}")
@@ -140,7 +143,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"waiting-room at {url}: not a waiting-room health document", file=sys.stderr)
         return 3
     print(format_health(doc, url, time.time()))
-    return 0 if doc.get("status") == "ok" else 1
+    return 0 if doc.get("status") in ("ok", "degraded") else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Home Assistant MQTT discovery as a pure function from (settings, rooms) to messages.
 
 Kept small and data-driven on purpose: one sensor per room, one connectivity binary sensor
-for the upstream, both unavailable unless the daemon is online *and* the feed is live.
+for the upstream, both unavailable unless the daemon is online *and* the feed is live (by
+the socket, ``connected``, or by polling the snapshot, ``degraded``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from . import __version__
 
 _NOT_ID: Final = re.compile(r"[^A-Za-z0-9_-]")
 # Home Assistant's availability needs "online"/"offline"; the upstream topic says more.
-_UPSTREAM_AVAILABLE: Final = "{{ 'online' if value == 'connected' else 'offline' }}"
+# Polled values (``degraded``) are fresh: the rooms stay available.
+_UPSTREAM_AVAILABLE: Final = "{{ 'online' if value in ('connected', 'degraded') else 'offline' }}"
+_UPSTREAM_ON: Final = "{{ 'ON' if value in ('connected', 'degraded') else 'OFF' }}"
+# The upstream entity's attributes: the raw status, and where the values come from.
+_UPSTREAM_ATTRIBUTES: Final = (
+    "{{ {'status': value, 'feed': {'connected': 'socket', 'degraded': 'poll'}.get(value, 'none')} | tojson }}"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +102,9 @@ class Discovery:
             "device_class": "connectivity",
             "entity_category": "diagnostic",
             "state_topic": f"{base}/upstream",
-            "value_template": "{{ 'ON' if value == 'connected' else 'OFF' }}",
+            "value_template": _UPSTREAM_ON,
+            "json_attributes_topic": f"{base}/upstream",
+            "json_attributes_template": _UPSTREAM_ATTRIBUTES,
             "availability_topic": f"{base}/status",
             "device": self._device(),
             "origin": {"name": "waiting-room", "sw_version": __version__},

@@ -107,6 +107,10 @@ def status_text(store: RoomStore, now: float | None = None, note: str | None = N
     parts: list[str] = []
     if link.status is LinkStatus.CONNECTED:
         parts.append("upstream connected")
+    elif link.status is LinkStatus.DEGRADED:
+        every = f"{link.poll_interval:g} s" if link.poll_interval is not None else "a few seconds"
+        socket_problem = f" (socket: {link.detail})" if link.detail else ""
+        parts.append(f"upstream degraded: polling every {every}{socket_problem}")
     elif link.status is LinkStatus.AUTH_FAILED:
         retry = f", retrying every {_seconds(link.retry_in)}" if link.retry_in else ""
         parts.append(f"upstream: auth failed ({link.detail}){retry}")

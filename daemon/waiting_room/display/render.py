@@ -235,14 +235,15 @@ def render_message(title: str, message: str, assets: Assets | None = None) -> by
 def as_of(state: RoomState, link: LinkState) -> float | None:
     """When this room's number was last known to be current, for "last updated HH:MM".
 
-    While the link is up that is the last frame; once it drops, a number heard on this run
-    was live until the drop (``link.since``). A number restored from a previous run (no
-    connection yet) is as old as its last frame.
+    While values arrive (by the socket, or polled while ``degraded``) that is the last
+    frame or poll; once they stop, a number heard on this run was live until then
+    (``link.since``). A number restored from a previous run (no connection yet) is as old
+    as its last frame.
     """
     if state.received_at is None:
         return None
     if (
-        link.status is not LinkStatus.CONNECTED
+        not link.status.live
         and link.connects > 0
         and state.received_at <= link.since
         and state.error is None
@@ -264,7 +265,9 @@ def room_payload(state: RoomState, link: LinkState) -> dict[str, Any]:
 
 
 def link_payload(link: LinkState) -> dict[str, Any]:
-    return {"status": link.status.value, "since": link.since}
+    """``feed`` is ``socket``, ``poll`` (with ``poll_interval``, seconds) or null."""
+    return {"status": link.status.value, "since": link.since, "feed": link.status.feed,
+            "poll_interval": link.poll_interval}
 
 
 def hello_frame(heartbeat: float, now: float) -> bytes:
@@ -309,22 +312,27 @@ def health(
     required: Iterable[str] = ("mqtt",),
     extra: Mapping[str, Any] | None = None,
 ) -> tuple[int, bytes]:
-    """200 when the upstream is connected and every required component too, else 503."""
+    """200 when values arrive (the upstream is connected, or ``degraded``: polling the
+    snapshot) and every required component is connected, else 503. Degraded is working:
+    the top-level ``status`` says ``degraded`` rather than ``ok``, with the same 200."""
     problems = []
-    if link.status is not LinkStatus.CONNECTED:
+    if not link.status.live:
         problems.append(f"upstream {link.status.value}")
     for name in required:
         status = components.get(name, "unknown")
         if status != "connected":
             problems.append(f"{name} {status}")
+    overall = "unhealthy" if problems else "degraded" if link.status is LinkStatus.DEGRADED else "ok"
     doc: dict[str, Any] = {
-        "status": "ok" if not problems else "unhealthy",
+        "status": overall,
         "problems": problems,
         "upstream": {
             "status": link.status.value,
             "detail": link.detail,
             "since": link.since,
             "connects": link.connects,
+            "feed": link.status.feed,
+            "poll_interval": link.poll_interval,
         },
         "mqtt": components.get("mqtt", "unknown"),
         "components": dict(components),

@@ -26,6 +26,7 @@
     openedAt: 0,
     lastMessage: 0,
     lastContact: null, // server time of the last message, for "last updated" when offline
+    link: null, // the upstream as the daemon last said: {status, feed, poll_interval, ...}
     skew: 0, // server clock minus this screen's clock, in seconds
     attempt: 0,
     retryTimer: null,
@@ -129,9 +130,21 @@
         var key = 'error_' + data.error;
         var table = localeOf(code).strings;
         return tr(code, Object.prototype.hasOwnProperty.call(table, key) ? key : 'error_other');
+      case 'live':
+        // Values polled from the hospital's snapshot: fresh, but every few seconds.
+        if (feedOf() === 'poll' && typeof conn.link.poll_interval === 'number') {
+          return tr(code, 'polled', { n: digits(code, Math.round(conn.link.poll_interval)) });
+        }
+        return '';
       default:
         return '';
     }
+  }
+
+  // "socket" (live updates), "poll" (the daemon polls the snapshot) or null.
+  function feedOf() {
+    var link = conn.link;
+    return link && (link.feed === 'socket' || link.feed === 'poll') ? link.feed : null;
   }
 
   function render(room) {
@@ -150,6 +163,9 @@
       ? tr(code, 'now_serving', { ticket: data.now_serving }) : '';
     p.status.textContent = statusText(room, state);
     room.el.dataset.state = state;
+    var feed = state === 'live' ? feedOf() : null;
+    if (feed) room.el.dataset.feed = feed;
+    else delete room.el.dataset.feed;
     room.el.setAttribute('aria-label', name + ': ' + tr(code, 'waiting_sentence', { n: number }));
   }
 
@@ -277,6 +293,7 @@
       }
       room.data = data;
     }
+    if (msg.link && typeof msg.link === 'object') conn.link = msg.link;
     var removed = Array.isArray(msg.removed) ? msg.removed : [];
     for (var j = 0; j < removed.length; j++) {
       var gone = rooms[removed[j]];
