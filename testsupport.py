@@ -237,3 +237,75 @@ class Daemon:
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+# -- a forward HTTP proxy ----------------------------------------------------------------------
+
+
+class Tinyproxy:
+    """Debian's tinyproxy on a free loopback port, with a config and a log of its own.
+
+    ``connect_ports`` empty: CONNECT to any port (the proxy carries WebSocket upgrades); e.g.
+    ``(443,)``: CONNECT elsewhere is refused with 403, as many site proxies do (it breaks the
+    socket to a queue server on another port while plain HTTP GETs pass). ``requests()`` are
+    the request lines it logged ("CONNECT 127.0.0.1:8765", "GET http://...").
+    """
+
+    def __init__(self, workdir: Path, *, connect_ports: tuple[int, ...] = ()) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.connect_ports = connect_ports
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exe = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+        self.log_path = workdir / "tinyproxy.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _conf(self) -> str:
+        lines = [
+            f"Port {self.port}",
+            "Listen 127.0.0.1",
+            "Timeout 30",
+            f'LogFile "{self.log_path}"',
+            "LogLevel Connect",  # each connection and request line
+            f'PidFile "{self.workdir}/tinyproxy.pid"',
+            "MaxClients 50",
+            "Allow 127.0.0.1",
+        ]
+        lines += [f"ConnectPort {port}" for port in self.connect_ports]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> None:
+        if not os.path.exists(self.exe):
+            raise RuntimeError("tinyproxy is not installed: run scripts/setup (or apt-get install tinyproxy)")
+        conf = self.workdir / "tinyproxy.conf"
+        conf.write_text(self._conf())
+        stderr = self.workdir / "tinyproxy.stderr"
+        with open(stderr, "ab") as err:
+            self.proc = subprocess.Popen([self.exe, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err)
+        wait_listening(self.port, self.proc, "tinyproxy", stderr)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def requests(self) -> list[str]:
+        """"METHOD target" of every request it logged, in order."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        out = []
+        for line in text.splitlines():
+            _, sep, rest = line.partition("]: Request (file descriptor ")
+            if sep:
+                request = rest.partition("): ")[2]
+                out.append(request.rsplit(" HTTP/", 1)[0])
+        return out
