@@ -175,6 +175,45 @@ def test_fallback_and_proxy():
     assert parse_config(variant(("upstream.proxy", "http://user:secret@10.0.0.1:8080/")), SOURCE).upstream.proxy
 
 
+def test_tls_keys():
+    config = parse_config(
+        variant(
+            ("upstream.ca_file", "/etc/waiting-room/hospital-ca.pem"),
+            ("upstream.cert_file", "/etc/waiting-room/client.pem"),
+            ("upstream.key_file", "/etc/waiting-room/client.key"),
+            ("mqtt.cert_file", "/etc/waiting-room/mqtt-client.pem"),
+            ("mqtt.key_file", "/etc/waiting-room/mqtt-client.key"),
+            ("display", {"listen": "0.0.0.0:8443", "cert_file": "/etc/waiting-room/display.pem",
+                         "key_file": "/etc/waiting-room/display.key",
+                         "allowed_hosts": ["wall-1.ward.hospital.example", "kiosk", "10.1.2.3", "fe80::1"]}),
+        ),
+        SOURCE,
+    )
+    up, m, d = config.upstream, config.mqtt, config.display
+    assert (up.ca_file, up.cert_file, up.key_file) == (
+        "/etc/waiting-room/hospital-ca.pem", "/etc/waiting-room/client.pem", "/etc/waiting-room/client.key")
+    assert (m.ca_file, m.cert_file, m.key_file) == (
+        "/etc/ssl/certs/ca.pem", "/etc/waiting-room/mqtt-client.pem", "/etc/waiting-room/mqtt-client.key")
+    assert (d.cert_file, d.key_file) == ("/etc/waiting-room/display.pem", "/etc/waiting-room/display.key")
+    assert d.allowed_hosts == ["wall-1.ward.hospital.example", "kiosk", "10.1.2.3", "fe80::1"]
+
+
+def test_tls_keys_default_to_none():
+    config = parse_config(FULL, SOURCE)
+    assert (config.upstream.ca_file, config.upstream.cert_file, config.upstream.key_file) == (None, None, None)
+    assert (config.mqtt.cert_file, config.mqtt.key_file) == (None, None)
+    assert (config.display.cert_file, config.display.key_file, config.display.allowed_hosts) == (None, None, [])
+
+
+def test_upstream_ca_file_with_a_plain_socket_but_an_https_snapshot():
+    config = parse_config(
+        variant(("upstream.url", "ws://queue.example/ws"), ("upstream.ca_file", "/ca.pem"),
+                ("upstream.fallback", {"url": "https://queue.example/api/rooms"})),
+        SOURCE,
+    )
+    assert config.upstream.ca_file == "/ca.pem"
+
+
 def test_close_code_overrides():
     config = parse_config(variant(("upstream.close_codes", {4401: "refresh_token", 1000: "prompt"})), SOURCE)
     assert config.upstream.close_codes == {4401: "refresh_token", 1000: "prompt"}
@@ -285,6 +324,23 @@ ERRORS = [
     ("upstream.proxy", "socks5://proxy.example:1080", "upstream.proxy"),
     ("upstream.proxy", "http://proxy.example:3128/path", "upstream.proxy"),
     ("upstream.proxy", 3128, "upstream.proxy"),
+    # TLS files: a certificate comes with its key; a CA only where TLS is spoken
+    ("upstream.cert_file", "/c.pem", "upstream.key_file"),
+    ("upstream.key_file", "/c.key", "upstream.cert_file"),
+    ("upstream.ca_file", "", "upstream.ca_file"),
+    ("upstream.ca_file", 5, "upstream.ca_file"),
+    ("mqtt.cert_file", "/c.pem", "mqtt.key_file"),
+    ("mqtt.key_file", "/c.key", "mqtt.cert_file"),
+    ("mqtt.ca_file", ["/a", "/b"], "mqtt.ca_file"),
+    ("display.cert_file", "/c.pem", "display.key_file"),
+    ("display.key_file", "/c.key", "display.cert_file"),
+    ("display.cert_file", "", "display.cert_file"),
+    ("display.allowed_hosts", "kiosk.example", "display.allowed_hosts"),
+    ("display.allowed_hosts", ["kiosk", "http://kiosk.example"], "display.allowed_hosts[1]"),
+    ("display.allowed_hosts", ["kiosk.example:8443"], "display.allowed_hosts[0]"),
+    ("display.allowed_hosts", ["*.example"], "display.allowed_hosts[0]"),
+    ("display.allowed_hosts", [""], "display.allowed_hosts[0]"),
+    ("display.allowed_hosts", [5], "display.allowed_hosts[0]"),
 ]
 
 
@@ -315,6 +371,24 @@ def test_error_says_what_was_expected(path, value, words):
 def test_wrong_value_is_quoted_in_the_error():
     assert error_of(variant(("mqtt.port", "abc"))).endswith(', got "abc"')
     assert error_of(variant(("mqtt.port", 70000))).endswith(", got 70000")
+
+
+@pytest.mark.parametrize(
+    ("edits", "key", "words"),
+    [
+        ([("upstream.url", "ws://queue.example/ws"), ("upstream.ca_file", "/ca.pem")], "upstream.ca_file", "wss://"),
+        ([("upstream.url", "ws://queue.example/ws"), ("upstream.cert_file", "/c.pem"), ("upstream.key_file", "/k")],
+         "upstream.cert_file", "wss://"),
+        ([("mqtt.ca_file", DELETE), ("mqtt.cert_file", "/c.pem"), ("mqtt.key_file", "/k")], "mqtt.cert_file",
+         "ca_file"),
+        ([("upstream.cert_file", "/c.pem")], "upstream.key_file", "required with cert_file"),
+        ([("display.allowed_hosts", ["https://kiosk"])], "display.allowed_hosts[0]", "without scheme or port"),
+    ],
+)
+def test_tls_errors_say_what_to_do(edits, key, words):
+    message = error_of(variant(*edits))
+    assert_one_line(message, SOURCE, key + ":")
+    assert words in message
 
 
 def test_two_token_sources():

@@ -7,6 +7,7 @@ path; ``load_config`` turns that into ``config.yaml: upstream.backoff.max: expec
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -59,6 +60,17 @@ def _check_topic(name: str, value: str) -> None:
         raise ValueError(
             f"{name}: expected an MQTT topic without +, #, NUL, an empty level or a leading or trailing /"
         )
+
+
+def _check_pair(cert_file: str | None, key_file: str | None, ca_file: str | None = None) -> None:
+    """A client or server certificate comes with its private key: both or neither."""
+    if cert_file and not key_file:
+        raise ValueError("key_file: required with cert_file")
+    if key_file and not cert_file:
+        raise ValueError("cert_file: required with key_file")
+    for name, value in (("cert_file", cert_file), ("key_file", key_file), ("ca_file", ca_file)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{name}: expected a file name")
 
 
 class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -124,6 +136,11 @@ class UpstreamConfig(_Strict):
     # An HTTP proxy for both the socket (CONNECT) and the snapshot; None: the environment's
     # https_proxy / http_proxy / no_proxy apply.
     proxy: str | None = None
+    # TLS (tls.py): verify the server against this CA bundle instead of the system's; present
+    # this client certificate (mutual TLS). For the socket and the snapshot alike.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     def __post_init__(self) -> None:
         if not re.match(r"^wss?://[^/?#\s]+", self.url):
@@ -144,6 +161,12 @@ class UpstreamConfig(_Strict):
                 raise ValueError(f"close_codes: {code}: expected a close code 1000..4999")
         if self.proxy is not None and not _PROXY_URL.match(self.proxy):
             raise ValueError("proxy: expected an http://host:port proxy URL")
+        _check_pair(self.cert_file, self.key_file, self.ca_file)
+        if (self.ca_file or self.cert_file) and not (
+            self.url.startswith("wss://") or (self.fallback is not None and self.fallback.url.startswith("https://"))
+        ):
+            key = "ca_file" if self.ca_file else "cert_file"
+            raise ValueError(f"{key}: only used with a wss:// url (or an https:// fallback.url)")
 
     @property
     def token_argv(self) -> list[str] | None:
@@ -174,7 +197,11 @@ class MqttConfig(_Strict):
     username: str | None = None
     password_file: str | None = None
     password_credential: str | None = None
+    # TLS to the broker when set, verified against this CA bundle; with cert_file + key_file
+    # the daemon presents a client certificate (mosquitto's require_certificate).
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     client_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     # The broker declares a silent (hung, stopped) daemon dead after 1.5 x keepalive and
     # publishes its will: 5 s shows "offline" within 7.5 s (13 s with mosquitto 2.0, which
@@ -192,6 +219,9 @@ class MqttConfig(_Strict):
             raise ValueError("username: required with password_file or password_credential")
         if self.password_file and self.password_credential:
             raise ValueError("expected one of password_file, password_credential")
+        _check_pair(self.cert_file, self.key_file, self.ca_file)
+        if self.cert_file and not self.ca_file:
+            raise ValueError("cert_file: needs ca_file (TLS to the broker is on when ca_file is set)")
 
     @property
     def discovery(self) -> str | None:
@@ -199,6 +229,17 @@ class MqttConfig(_Strict):
 
 
 _LOCALE_RE: Final = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
+# A DNS name: labels of letters, digits, hyphens and underscores, an optional final dot.
+_HOST_NAME: Final = re.compile(r"^(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                               r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]") if text.startswith("[") and text.endswith("]") else text)
+    except ValueError:
+        return False
+    return True
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -226,6 +267,12 @@ class DisplayConfig(_Strict):
     # beyond them a client gets 503 + Retry-After. Both also bound the open connections.
     max_clients: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 500
     max_clients_per_address: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 20
+    # HTTPS: the pages, /ws and /healthz over TLS with this certificate (chain) and key.
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Host names the display is reached by, besides the listen address and localhost: a
+    # request with any other Host is refused (DNS rebinding).
+    allowed_hosts: Annotated[list[str], msgspec.Meta(max_length=1000)] = []
 
     def __post_init__(self) -> None:
         _split_listen(self.listen)
@@ -233,6 +280,12 @@ class DisplayConfig(_Strict):
             raise ValueError("locale: expected a language code such as en or bn")
         if self.access_token is not None and self.access_token_file is not None:
             raise ValueError("expected one of access_token, access_token_file")
+        _check_pair(self.cert_file, self.key_file)
+        for i, name in enumerate(self.allowed_hosts):
+            if not _HOST_NAME.match(name) and not _is_ip(name):
+                raise ValueError(
+                    f"allowed_hosts[{i}]: expected a host name or an IP address, without scheme or port"
+                )
 
     @property
     def host(self) -> str:
