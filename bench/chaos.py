@@ -343,20 +343,17 @@ class Chaos:
         self.proxy = Proxy(self.sim.port)  # type: ignore[arg-type]
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.proxy.run())
                 self.mirror = Mirror(self.broker.port)
-                tg.create_task(self.mirror.run())
                 self.daemon = Daemon(self.workdir, "daemon", self.config())
                 self.daemon.start()
                 url = f"ws://127.0.0.1:{self.display_port}/ws"
                 self.screens = [Screen(url) for _ in range(SCREENS - 1)] + [Screen(f"{url}?room=lab")]
-                for screen in self.screens:
-                    tg.create_task(screen.run())
-                tg.create_task(self._traffic())
+                parts = [self.proxy.run(), self.mirror.run(), self._traffic(), *(s.run() for s in self.screens)]
+                background = [tg.create_task(part) for part in parts]
                 try:
                     report = await self._rounds(faults, duration)
                 finally:
-                    for task in tg._tasks:  # noqa: SLF001 (our own group: end it)
+                    for task in background:  # they run until the rounds are over
                         task.cancel()
             return report
         finally:
@@ -386,6 +383,7 @@ class Chaos:
         if first is None:
             raise RuntimeError(f"the daemon never came up: {self._problems()}\n{self.daemon.log_tail()}")  # type: ignore[union-attr]
         self._sample(0)
+        await self.sample_tasks()
         injected = 0
         number = 0
         while (faults is None or injected < faults) and (duration is None or time.monotonic() - started < duration):
@@ -446,9 +444,8 @@ class Chaos:
         self.proxy.delay = 0.0
         self.sim.set_silent(False)
         self.sim.refuse(None)
-        if self.sim.port is None or self.sim._server is None:  # noqa: SLF001
-            with contextlib.suppress(OSError):
-                await self.sim.start(port=self.proxy.target_port)
+        with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: it is running
+            await self.sim.start(port=self.proxy.target_port)
         if not self.daemon.alive():
             self.daemon.start()
         await self._settle(RECOVERY_LIMIT, state_file=False)
