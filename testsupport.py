@@ -8,7 +8,9 @@ Nothing here imports pytest: a problem is a ``RuntimeError`` that each caller re
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -86,6 +88,77 @@ def memory_kb(pid: int) -> dict[str, int]:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# -- TLS: a certificate authority of the test's own ------------------------------------------
+
+
+class Issued:
+    """A certificate and its private key (PEM files), as issued by ``CertAuthority``."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert = cert
+        self.key = key
+
+    def spki_sha256(self) -> str:
+        """base64(SHA-256(SubjectPublicKeyInfo)): what Chromium's
+        ``--ignore-certificate-errors-spki-list`` and HPKP-style pins name."""
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-noout", "-pubkey"],
+                             capture_output=True, check=True).stdout
+        spki = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=der,
+                              capture_output=True, check=True).stdout
+        return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+class CertAuthority:
+    """A small CA made with the ``openssl`` binary (EC P-256: fast), and certificates it signs
+    for servers and clients with the names a test connects by. Short-lived, in ``workdir``;
+    private keys are written 0600."""
+
+    def __init__(self, workdir: Path, name: str = "waiting-room test CA") -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        self.cert = self.dir / f"{slug}.pem"
+        self.key = self.dir / f"{slug}.key"
+        self._serial = 0
+        self._openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                      "-keyout", self.key, "-out", self.cert, "-days", "2", "-subj", f"/CN={name}",
+                      "-addext", "basicConstraints=critical,CA:TRUE",
+                      "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        os.chmod(self.key, 0o600)
+
+    @staticmethod
+    def _openssl(*args: object) -> None:
+        if shutil.which("openssl") is None:
+            raise RuntimeError("the openssl binary is missing (apt-get install openssl)")
+        done = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"openssl {args[0]} failed: {done.stderr.strip()[-500:]}")
+
+    def issue(self, name: str, *, dns: tuple[str, ...] = ("localhost",), ips: tuple[str, ...] = ("127.0.0.1", "::1"),
+              client: bool = False, chain: bool = False) -> Issued:
+        """A server certificate for these names (``client``: a client certificate named ``name``).
+        ``chain``: the CA's certificate follows it in the file, as a server would send it."""
+        self._serial += 1
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        key, csr, cert = self.dir / f"{slug}.key", self.dir / f"{slug}.csr", self.dir / f"{slug}.pem"
+        ext = self.dir / f"{slug}.ext"
+        sans = [f"DNS:{d}" for d in dns] + [f"IP:{i}" for i in ips]
+        lines = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature",
+                 f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}"]
+        if sans and not client:
+            lines.append("subjectAltName=" + ",".join(sans))
+        ext.write_text("\n".join(lines) + "\n")
+        self._openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                      "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+        os.chmod(key, 0o600)
+        self._openssl("x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
+                      "-set_serial", str(1000 + self._serial), "-days", "2", "-out", cert, "-extfile", ext)
+        if chain:
+            cert.write_text(cert.read_text() + self.cert.read_text())
+        return Issued(cert, key)
 
 
 # -- mosquitto ------------------------------------------------------------------------------

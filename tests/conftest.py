@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 from testsupport import ROOT, free_port  # noqa: F401 (re-exported to the tests)
 from testsupport import Broker as SharedBroker
+from testsupport import CertAuthority, Issued
 
 
 class Broker(SharedBroker):
@@ -34,6 +35,33 @@ class Broker(SharedBroker):
             super().start()
         except RuntimeError as exc:
             pytest.fail(f"{exc} (./scripts/test installs mosquitto)")
+
+
+class Pki:
+    """The test's own certificates (testsupport.CertAuthority, made once per session): a CA the
+    daemon trusts, a server certificate from it for localhost/127.0.0.1/::1 (``server``, and
+    ``server_chain`` with the CA after it), one for another name (``wrong_host``), client
+    certificates, and a rogue CA the daemon does not trust (``rogue_server``, ``rogue_client``,
+    and ``self_signed``: the rogue CA's own certificate served as a server's)."""
+
+    def __init__(self, workdir: Path) -> None:
+        try:
+            self.ca = CertAuthority(workdir / "ca")
+            self.rogue = CertAuthority(workdir / "rogue", "rogue CA")
+        except RuntimeError as exc:
+            pytest.skip(str(exc))
+        self.server = self.ca.issue("server")
+        self.server_chain = self.ca.issue("server-chain", chain=True)
+        self.wrong_host = self.ca.issue("wrong-host", dns=("elsewhere.example",), ips=())
+        self.client = self.ca.issue("daemon", client=True)
+        self.rogue_server = self.rogue.issue("rogue-server")
+        self.rogue_client = self.rogue.issue("rogue-daemon", client=True)
+        self.self_signed = Issued(self.rogue.cert, self.rogue.key)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

@@ -72,6 +72,16 @@ def test_the_poller_is_a_transport_like_the_upstream_socket():
     assert imports_of(PACKAGE / "poller.py")[0] <= {"snapshot"}
 
 
+def test_tls_builds_contexts_from_the_config_alone():
+    """One module makes every TLS context; it reads files but runs no I/O loop or socket, and
+    the adapters (upstream, poller, mqtt, display) and the command line are its callers."""
+    ours, theirs = imports_of(PACKAGE / "tls.py")
+    assert ours <= {"config"}
+    assert not theirs & IO_MODULES, theirs & IO_MODULES
+    for name in PURE:
+        assert "tls" not in imports_of(PACKAGE / f"{name}.py")[0], name
+
+
 def test_only_the_composition_root_wires_things():
     for path in PACKAGE.rglob("*.py"):
         if module_name(path) in ("app", "cli", "__main__"):

@@ -42,9 +42,16 @@ async def _run(config: Config, path: str) -> None:
     await app.run()
 
 
-def _load(path: str) -> Config:
+def _load(path: str, *, files: bool = True) -> Config:
+    """The config, or exit 2 with its one line. ``files``: the TLS files it names must be
+    usable too (missing, unreadable, not PEM, a key that does not match: exit 2)."""
+    from . import tls
+
     try:
-        return load_config(path)
+        config = load_config(path)
+        if files:
+            tls.check(config, path)
+        return config
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None

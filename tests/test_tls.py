@@ -1,0 +1,239 @@
+"""tls.py: contexts from the config, one-line errors for unusable files, the handshake
+failures described; then the real parts: the simulator behind TLS (a test CA made in the test),
+mosquitto with a TLS listener and ``require_certificate``, a wrong CA refused."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from waiting_room import tls
+from waiting_room.config import parse_config
+from waiting_room.tls import TlsError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def one_line(message: str, key: str) -> None:
+    assert "\n" not in message, message
+    assert message.startswith(f"{key}: "), message
+
+
+# -- contexts -------------------------------------------------------------------------------
+
+
+def test_client_context_verifies_always(pki):
+    ctx = tls.client_context(str(pki.ca.cert), str(pki.client.cert), str(pki.client.key))
+    assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert len(ctx.get_ca_certs()) == 1  # the named CA instead of the system's, not beside it
+
+
+def test_client_context_without_a_ca_uses_the_system_store():
+    ctx = tls.client_context()
+    assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+def test_server_context(pki):
+    ctx = tls.server_context(str(pki.server_chain.cert), str(pki.server_chain.key))
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_contexts_from_the_config(pki):
+    config = parse_config({
+        "upstream": {"url": "wss://localhost/ws", "token": "t", "ca_file": str(pki.ca.cert),
+                     "cert_file": str(pki.client.cert), "key_file": str(pki.client.key)},
+        "rooms": [{"id": "a"}],
+        "mqtt": {"ca_file": str(pki.ca.cert)},
+        "display": {"cert_file": str(pki.server.cert), "key_file": str(pki.server.key)},
+    })
+    assert tls.upstream_context(config.upstream).check_hostname
+    assert tls.mqtt_context(config.mqtt) is not None
+    assert tls.display_context(config.display) is not None
+    tls.check(config)
+    plain = parse_config({"upstream": {"url": "ws://localhost/ws", "token": "t"}, "rooms": [{"id": "a"}]})
+    assert tls.mqtt_context(plain.mqtt) is None and tls.display_context(plain.display) is None
+    tls.check(plain)
+
+
+# -- unusable files: one line naming the key and the file, never the content -------------------
+
+
+@pytest.fixture
+def files(tmp_path, pki):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("this is not PEM\n")
+    der = tmp_path / "cert.der"
+    subprocess.run(["openssl", "x509", "-in", str(pki.client.cert), "-outform", "DER", "-out", str(der)], check=True)
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(pki.client.key), "-aes256", "-passout", "pass:secret",
+                    "-out", str(encrypted)], check=True)
+    return {"missing": str(tmp_path / "nope.pem"), "junk": str(junk), "der": str(der), "dir": str(tmp_path),
+            "encrypted": str(encrypted)}
+
+
+@pytest.mark.parametrize(
+    ("ca", "cert", "key", "words", "key_name"),
+    [
+        ("missing", None, None, "No such file", "upstream.ca_file"),
+        ("junk", None, None, "not a PEM file", "upstream.ca_file"),
+        ("der", None, None, "not a PEM file", "upstream.ca_file"),
+        ("dir", None, None, "directory", "upstream.ca_file"),
+        ("client.key", None, None, "no certificate in it", "upstream.ca_file"),
+        (None, "missing", "client.key", "No such file", "upstream.cert_file"),
+        (None, "client.cert", "missing", "No such file", "upstream.key_file"),
+        (None, "junk", "client.key", "not a PEM file", "upstream.cert_file"),
+        (None, "client.cert", "junk", "not a PEM file", "upstream.key_file"),
+        (None, "client.key", "client.key", "no certificate in it", "upstream.cert_file"),
+        (None, "client.cert", "client.cert", "no private key in it", "upstream.key_file"),
+        (None, "client.cert", "server.key", "does not match the certificate", "upstream.key_file"),
+        (None, "client.cert", "encrypted", "passphrase", "upstream.key_file"),
+    ],
+)
+def test_unusable_files_are_one_line_naming_the_key(pki, files, ca, cert, key, words, key_name):
+    def path(name):
+        if name is None:
+            return None
+        if name in files:
+            return files[name]
+        who, _, part = name.partition(".")
+        return str(getattr(getattr(pki, who), part))
+
+    with pytest.raises(TlsError) as info:
+        tls.client_context(path(ca), path(cert), path(key), section="upstream")
+    message = str(info.value).replace("no a ", "no a ")
+    one_line(message, key_name)
+    assert words.replace("no a ", "no a ") in message.replace("no certificate in it", "no certificate in it"), message
+    assert "PRIVATE KEY" not in message and "BEGIN" not in message.replace("-----BEGIN and", "")
+
+
+def test_the_key_content_is_never_in_an_error(pki, tmp_path):
+    key_text = pki.client.key.read_text()
+    secret_line = key_text.splitlines()[1]
+    for cert, key in ((pki.client.key, pki.client.key), (pki.client.cert, pki.server.key)):
+        with pytest.raises(TlsError) as info:
+            tls.client_context(None, str(cert), str(key))
+        assert secret_line not in str(info.value) and secret_line not in repr(info.value)
+
+
+def test_display_and_mqtt_errors_name_their_section(pki, files):
+    with pytest.raises(TlsError) as info:
+        tls.server_context(files["missing"], str(pki.server.key), section="display")
+    one_line(str(info.value), "display.cert_file")
+    with pytest.raises(TlsError) as info:
+        tls.client_context(files["junk"], section="mqtt")
+    one_line(str(info.value), "mqtt.ca_file")
+
+
+def test_check_prefixes_the_config_file(files):
+    config = parse_config({"upstream": {"url": "wss://x/ws", "token": "t", "ca_file": files["missing"]},
+                           "rooms": [{"id": "a"}]})
+    with pytest.raises(TlsError) as info:
+        tls.check(config, "/etc/waiting-room/config.yaml")
+    one_line(str(info.value), "/etc/waiting-room/config.yaml: upstream.ca_file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_key(pki, tmp_path):
+    key = tmp_path / "key.pem"
+    key.write_bytes(pki.client.key.read_bytes())
+    key.chmod(0)
+    with pytest.raises(TlsError) as info:
+        tls.client_context(None, str(pki.client.cert), str(key))
+    assert "Permission denied" in str(info.value)
+
+
+def test_waiting_room_check_exits_2_with_the_line(tmp_path, pki):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "upstream: {url: 'wss://localhost/ws', token: t}\nrooms: [{id: a}]\n"
+        f"display: {{cert_file: '{pki.server.cert}', key_file: '{pki.client.key}'}}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "daemon")}
+    for command in ("check", "run"):
+        done = subprocess.run([sys.executable, "-m", "waiting_room", command, "--config", str(config)],
+                              capture_output=True, text=True, timeout=30, env=env)
+        assert done.returncode == 2, done
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith(f"{config}: display.key_file: {pki.client.key}: does not match"), lines[0]
+
+
+# -- Cached: a renewed certificate is used from the next connection -----------------------------
+
+
+def test_cached_context_is_rebuilt_when_a_file_changes(pki, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca.cert.read_bytes())
+    built = []
+
+    def build():
+        built.append(1)
+        return tls.client_context(str(ca))
+
+    cached = tls.Cached(build, [str(ca), None])
+    first = cached.get()
+    assert cached.get() is first and len(built) == 1
+    ca.write_bytes(pki.ca.cert.read_bytes() + pki.rogue.cert.read_bytes())
+    second = cached.get()
+    assert second is not first and len(second.get_ca_certs()) == 2
+
+
+# -- handshake failures, described --------------------------------------------------------------
+
+
+def _verify_error(message: str) -> ssl.SSLCertVerificationError:
+    exc = ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}")
+    exc.verify_message = message
+    exc.reason = "CERTIFICATE_VERIFY_FAILED"
+    return exc
+
+
+def _ssl_error(reason: str) -> ssl.SSLError:
+    exc = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower()}")
+    exc.reason = reason
+    return exc
+
+
+def _wrapped(inner: BaseException) -> BaseException:
+    try:
+        try:
+            raise inner
+        except Exception:
+            raise RuntimeError("did not receive a valid HTTP response") from None  # context kept
+    except RuntimeError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    ("exc", "detail", "lasting"),
+    [
+        (_verify_error("self-signed certificate"), "TLS certificate not trusted: self-signed certificate", True),
+        (_verify_error("unable to get local issuer certificate"),
+         "TLS certificate not trusted: unable to get local issuer certificate", True),
+        (_verify_error("Hostname mismatch, certificate is not valid for 'x.example'."),
+         "TLS certificate not trusted: Hostname mismatch, certificate is not valid for 'x.example'", True),
+        (_wrapped(_verify_error("certificate has expired")), "TLS certificate not trusted: certificate has expired",
+         True),
+        (_wrapped(_ssl_error("TLSV13_ALERT_CERTIFICATE_REQUIRED")),
+         "TLS: the server requires a client certificate (mqtt.cert_file)", True),
+        (_ssl_error("TLSV1_ALERT_UNKNOWN_CA"),
+         "TLS: the server does not trust our client certificate (mqtt.cert_file): unknown CA", True),
+        (_ssl_error("WRONG_VERSION_NUMBER"),
+         "TLS handshake failed: the server does not speak TLS on this port (wrong version number)", True),
+        (_ssl_error("UNEXPECTED_EOF_WHILE_READING"), "TLS handshake failed: unexpected eof while reading", False),
+        (TlsError("mqtt.ca_file: /x: No such file or directory"), "mqtt.ca_file: /x: No such file or directory", True),
+    ],
+)
+def test_describe_failure(exc, detail, lasting):
+    assert tls.describe_failure(exc, "mqtt") == tls.Failure(detail, lasting)
+
+
+@pytest.mark.parametrize("exc", [OSError(111, "Connection refused"), TimeoutError(), ValueError("x")])
+def test_not_a_tls_failure(exc):
+    assert tls.describe_failure(exc) is None
