@@ -226,3 +226,78 @@ async def test_healthz_and_the_status_line_say_degraded(poll_1s, broker, watcher
         assert doc["rooms"]["opd-1"]["stale"] is False
         assert status_text(app.store).startswith(
             "upstream degraded: polling every 1 s (socket: handshake refused: HTTP 426) · 2 rooms")
+
+
+async def test_a_reload_adds_and_removes_the_fallback(poll_1s, broker, watcher):
+    sim = poll_1s
+    sim.break_upgrades("426")
+    plain = make_config(sim.url, broker.port)
+    async with running(plain) as app:
+        await sim.wait_until(lambda: sim.upgrades_broken >= 2)
+        assert polls(sim) == 0
+        await app.apply(fallback_config(sim, broker.port))
+        await watcher.wait_topic("waiting-room/upstream", "degraded", timeout=5)
+        await watcher.wait_for(lambda: state(watcher, "opd-1").get("stale") is False)
+        await app.apply(plain)
+        await watcher.wait_topic("waiting-room/upstream", "disconnected", timeout=3)
+        await watcher.wait_for(lambda: state(watcher, "opd-1").get("stale") is True)
+        seen = polls(sim)
+        with pytest.raises(TimeoutError):
+            await sim.wait_until(lambda: polls(sim) > seen, timeout=2 * INTERVAL + 0.5)
+
+
+
+class BlackHole:
+    """An HTTP server that reads a request and never answers."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.requests: list[bytes] = []
+        self.arrived = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader, writer) -> None:
+        self.requests.append(await reader.readline())
+        self.arrived.set()
+        try:
+            await reader.read()  # until the client gives up
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        import asyncio
+
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/rooms"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_snapshot_that_never_answers_is_bounded_by_connect_timeout(sim, broker, watcher):
+    sim.break_upgrades("426")
+    hole = BlackHole()
+    async with hole as url:
+        config = make_config(sim.url, broker.port, upstream__connect_timeout=0.5,
+                             upstream__fallback={"url": url, "after": 0.1})
+        async with running(config) as app:
+            await wait_store(app, lambda: "snapshot: no answer within 0.5 s" in app.store.link.detail, timeout=5)
+            assert hole.requests[0].startswith(b"GET /rooms?room=opd-1&room=lab ")
+
+
+async def test_stopping_in_the_middle_of_a_poll_is_prompt(sim, broker, watcher):
+    import asyncio
+
+    sim.break_upgrades("426")
+    hole = BlackHole()
+    loop = asyncio.get_running_loop()
+    async with hole as url:
+        config = make_config(sim.url, broker.port, upstream__connect_timeout=10,
+                             upstream__fallback={"url": url, "after": 0.1})
+        async with running(config):
+            async with asyncio.timeout(5):
+                await hole.arrived.wait()
+            started = loop.time()
+        assert loop.time() - started < 2.0
