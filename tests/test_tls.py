@@ -237,3 +237,146 @@ def test_describe_failure(exc, detail, lasting):
 @pytest.mark.parametrize("exc", [OSError(111, "Connection refused"), TimeoutError(), ValueError("x")])
 def test_not_a_tls_failure(exc):
     assert tls.describe_failure(exc) is None
+
+
+# -- the upstream: the simulator behind TLS ----------------------------------------------------
+
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+
+from conftest import make_config, running, wait_store  # noqa: E402
+
+from waiting_room.model import LinkStatus  # noqa: E402
+from waiting_room.simulator import Simulator  # noqa: E402
+from waiting_room.systemd import status_text  # noqa: E402
+
+
+class LogWatch(logging.Handler):
+    """Every record of a logger (DEBUG and up) while in use; a test awaits a condition on them
+    with a deadline, woken by each new record."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(name)
+        self.records: list[logging.LogRecord] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+
+    async def __aenter__(self) -> "LogWatch":
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self._level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        assert self._loop is not None and self._changed is not None
+        self._loop.call_soon_threadsafe(self._changed.set)
+
+    async def wait(self, predicate, timeout: float = 10.0, what: str = "") -> None:
+        assert self._changed is not None
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            seen = [r.getMessage() for r in self.records][-10:]
+            raise AssertionError(f"timed out waiting for {what or predicate}; last records: {seen}") from None
+
+
+def server_ssl(issued, client_ca=None) -> ssl.SSLContext:
+    """The simulator's side; ``client_ca``: a client certificate from it is required."""
+    ctx = tls.server_context(str(issued.cert), str(issued.key), section="test")
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(client_ca))
+    return ctx
+
+
+@contextlib.asynccontextmanager
+async def tls_simulator(context: ssl.SSLContext):
+    sim = Simulator(rooms=("opd-1", "lab"), token="test-token", heartbeat=15, tick=0, seed=1,
+                    initial_patients={"opd-1": 5, "lab": 2})
+    await sim.start(ssl=context)
+    try:
+        yield sim
+    finally:
+        await sim.stop()
+
+
+def upstream_tls(pki, client=None, ca=None) -> dict:
+    keys = {"upstream__ca_file": str(ca or pki.ca.cert)}
+    if client is not None:
+        keys |= {"upstream__cert_file": str(client.cert), "upstream__key_file": str(client.key)}
+    return keys
+
+
+async def test_mutual_tls_required_and_satisfied(pki, broker):
+    async with tls_simulator(server_ssl(pki.server_chain, client_ca=pki.ca.cert)) as sim:
+        assert sim.url.startswith("wss://127.0.0.1:")
+        async with running(make_config(sim.url, broker.port, **upstream_tls(pki, pki.client))) as app:
+            await wait_store(app, lambda: app.store.link.status is LinkStatus.CONNECTED
+                             and app.store.rooms["opd-1"].patients == 5)
+            sim.set_queue("lab", 7)
+            await wait_store(app, lambda: app.store.rooms["lab"].patients == 7)
+
+
+async def test_a_renewed_client_certificate_is_used_from_the_next_connection(pki, broker, tmp_path):
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_bytes(pki.rogue_client.cert.read_bytes())
+    key.write_bytes(pki.rogue_client.key.read_bytes())
+    keys = upstream_tls(pki) | {"upstream__cert_file": str(cert), "upstream__key_file": str(key)}
+    async with tls_simulator(server_ssl(pki.server, client_ca=pki.ca.cert)) as sim:
+        async with running(make_config(sim.url, broker.port, **keys)) as app:
+            await wait_store(app, lambda: bool(app.store.link.detail))  # refused: an untrusted client
+            assert app.store.link.status is not LinkStatus.CONNECTED
+            key.write_bytes(pki.client.key.read_bytes())  # renewed in place, as certbot would
+            cert.write_bytes(pki.client.cert.read_bytes())
+            await wait_store(app, lambda: app.store.link.status is LinkStatus.CONNECTED, timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("served", "detail"),
+    [
+        ("self_signed", "TLS certificate not trusted: self-signed certificate"),
+        ("rogue_server", "TLS certificate not trusted: unable to get local issuer certificate"),
+        ("wrong_host", "TLS certificate not trusted: IP address mismatch, certificate is not valid for '127.0.0.1'"),
+    ],
+)
+async def test_an_untrusted_server_is_one_clear_line_retried_at_the_maximum(pki, broker, served, detail):
+    async with tls_simulator(server_ssl(getattr(pki, served))) as sim, LogWatch("waiting_room.upstream") as logs:
+        config = make_config(sim.url, broker.port, **upstream_tls(pki, pki.client))
+        maximum = float(config.upstream.backoff.max)
+        async with running(config) as app:
+
+            def attempts() -> list[logging.LogRecord]:
+                return [r for r in logs.records if detail in r.getMessage()]
+
+            await logs.wait(lambda: len(attempts()) >= 4, what=f"4 attempts failing with {detail!r}")
+            link = app.store.link
+            assert (link.status, link.detail) == (LinkStatus.DISCONNECTED, detail)
+            assert link.retry_in is not None and link.retry_in >= maximum
+            assert f"upstream down ({detail})" in status_text(app.store)
+            records = attempts()
+            # One line at ERROR, then the same failure at DEBUG only; never a tight loop.
+            assert [r.levelno for r in records[:4]] == [logging.ERROR] + [logging.DEBUG] * 3, records
+            assert "\n" not in records[0].getMessage()
+            gaps = [b.created - a.created for a, b in zip(records, records[1:])]
+            assert min(gaps) >= maximum * 0.9, gaps
+            assert sim.connections == 0  # never got past TLS: no WebSocket, no token sent
+
+
+async def test_a_server_requiring_a_client_certificate_refuses_one_without(pki, broker):
+    async with tls_simulator(server_ssl(pki.server, client_ca=pki.ca.cert)) as sim:
+        async with running(make_config(sim.url, broker.port, **upstream_tls(pki))) as app:
+            await wait_store(app, lambda: bool(app.store.link.detail))
+            assert app.store.link.status is LinkStatus.DISCONNECTED
+            assert sim.connections == 0

@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -202,8 +203,10 @@ class Simulator:
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen; with ``port=0`` the OS picks a free port, published in ``port``/``url``."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, ssl: SSLContext | None = None) -> None:
+        """Listen; with ``port=0`` the OS picks a free port, published in ``port``/``url``.
+        ``ssl``: behind TLS (``wss://``, ``https://``), e.g. with a client certificate required
+        (``verify_mode = CERT_REQUIRED`` on the context)."""
         if self._server is not None:
             raise RuntimeError("simulator already started")
         self._server = await serve(
@@ -214,12 +217,14 @@ class Simulator:
             ping_interval=None,  # the protocol's heartbeat is the JSON ping below
             max_size=MAX_FRAME,
             close_timeout=2.0,
+            ssl=ssl,
         )
         self.host = host
         self.port = self._server.sockets[0].getsockname()[1]
         netloc = f"[{host}]" if ":" in host else host
-        self.url = f"ws://{netloc}:{self.port}{WS_PATH}"
-        self.snapshot_url = f"http://{netloc}:{self.port}{self.snapshot_path}"
+        secure = "s" if ssl is not None else ""
+        self.url = f"ws{secure}://{netloc}:{self.port}{WS_PATH}"
+        self.snapshot_url = f"http{secure}://{netloc}:{self.port}{self.snapshot_path}"
         if self.tick > 0:
             self._tick_task = asyncio.create_task(self._tick_loop(), name="simulator-tick")
 

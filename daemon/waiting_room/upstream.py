@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 import urllib.parse
 from datetime import datetime, timezone
@@ -19,7 +20,7 @@ from typing import Final, Iterable
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from . import protocol
+from . import protocol, tls
 from .config import FallbackConfig, UpstreamConfig
 from .logutil import RateLimitedLog
 from .credentials import SecretError, TokenSource, file_signature, jwt_expiry
@@ -353,6 +354,9 @@ class Upstream:
         )
         self.schedule = ReconnectSchedule(cfg.backoff.initial, cfg.backoff.max, self._rng)
         self._overrides = {code: Action(name) for code, name in cfg.close_codes.items()}
+        # One client context for the socket and the snapshot (tls.upstream_context), built
+        # again when upstream.ca_file, cert_file or key_file changes on disk.
+        self._tls = tls.Cached(lambda: tls.upstream_context(cfg), (cfg.ca_file, cfg.cert_file, cfg.key_file))
 
     def reconfigure(self, cfg: UpstreamConfig) -> None:
         """New settings (URL, token source, ...): the live connection is replaced
@@ -418,14 +422,22 @@ class Upstream:
     async def _read_token(self) -> str:
         return await asyncio.to_thread(self.tokens.read)
 
+    async def tls_context(self) -> ssl.SSLContext:
+        """The upstream's TLS client context (``upstream.ca_file``, ``cert_file``, ``key_file``;
+        verification always on), for the ``wss://`` socket and the ``https://`` snapshot alike.
+        Raises ``tls.TlsError`` when a file cannot be used."""
+        return await asyncio.to_thread(self._tls.get)
+
     async def _open(self, token: str) -> ClientConnection:
         url, headers = self.cfg.url, None
         if self.cfg.token_in == "query":
             url = url_with_token(url, token)
         else:
             headers = {"Authorization": f"Bearer {token}"}
+        context = await self.tls_context() if url.startswith("wss://") else None
         return await connect(
             url,
+            ssl=context,
             # upstream.proxy, else what the environment says (https_proxy, no_proxy, ...).
             proxy=self.cfg.proxy or True,
             additional_headers=headers,
@@ -438,10 +450,11 @@ class Upstream:
             user_agent_header="waiting-room",
         )
 
-    def _failed(self, status: LinkStatus, detail: str, delay: float, **fields: object) -> None:
+    def _failed(self, status: LinkStatus, detail: str, delay: float, *, level: int = logging.WARNING,
+                **fields: object) -> None:
         """Logs state changes, not every attempt: the same failure again goes to DEBUG.
         ``fields`` become structured journal fields (CLOSE_CODE=, HTTP_STATUS=)."""
-        level = logging.DEBUG if detail == self._last_failure else logging.WARNING
+        level = logging.DEBUG if detail == self._last_failure else level
         self._last_failure = detail
         log.log(level, "upstream %s; retrying in %.1f s", detail, delay, extra=fields)
         self._set_link(status, detail, retry_in=delay)
@@ -472,8 +485,16 @@ class Upstream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # OSError, timeouts, bad handshakes: the network's problems
+            failure = tls.describe_failure(exc, "upstream")
+            if failure is not None and failure.lasting:
+                # An untrusted certificate, a refused client certificate, an unusable TLS
+                # file: no quick retry fixes these. Retried at the backoff's maximum, loudly.
+                delay = self.schedule.next(Action.AT_LEAST_MAX).delay
+                self._failed(LinkStatus.DISCONNECTED, failure.detail, delay, level=logging.ERROR)
+                return None, delay
             delay = self.schedule.next(Action.BACKOFF).delay
-            self._failed(LinkStatus.DISCONNECTED, f"connect failed: {self._describe(exc, token)}", delay)
+            detail = failure.detail if failure is not None else f"connect failed: {self._describe(exc, token)}"
+            self._failed(LinkStatus.DISCONNECTED, detail, delay)
             return None, delay
         session = _Session(self, ws, token, loop)
         self._session = session
