@@ -41,7 +41,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from testsupport import ROOT, Broker, Daemon, free_port, http_get, memory_kb, open_fds
-from waiting_room.simulator import WS_PATH, Simulator
+from waiting_room.simulator import SNAPSHOT_PATH, WS_PATH, Simulator
 from waiting_room.statefile import FILE_NAME
 from waiting_room.statefile import load as load_state_file
 
@@ -56,6 +56,7 @@ KEEPALIVE = 2
 DETECTION_BOUND = PING_INTERVAL + PING_TIMEOUT + 1.5  # + one watchdog pass and the publish
 # mosquitto 2.0 looks at keepalives every 5-6 s, on top of 1.5 x keepalive.
 WILL_BOUND = 1.5 * KEEPALIVE + 6.5
+FALLBACK_AFTER, FALLBACK_INTERVAL = 2.0, 1.0  # polling the snapshot while no socket is joined
 RECOVERY_LIMIT = 30.0
 STATE_FILE_LIMIT = 15.0  # the state file is written at most every 5 s
 RSS_LIMIT_KB = 150_000
@@ -80,6 +81,9 @@ def daemon_config(proxy_port: int, broker_port: int, display_port: int, state_di
             "ping_timeout": PING_TIMEOUT,
             "token_check": 0.5,
             "room_retry": 2,
+            # Through the proxy too: a dead link starves the polls as well.
+            "fallback": {"url": f"http://127.0.0.1:{proxy_port}{SNAPSHOT_PATH}",
+                         "interval": FALLBACK_INTERVAL, "after": FALLBACK_AFTER},
         },
         "rooms": [{"id": r, "name": r.upper()} for r in rooms],
         "mqtt": {"port": broker_port, "base_topic": BASE, "client_id": "chaos-daemon",
@@ -295,7 +299,8 @@ class Chaos:
         self.workdir = workdir
         self.seed = seed
         self.rng = random.Random(seed)
-        self.sim = Simulator(rooms=ROOMS, token=TOKEN, heartbeat=5, tick=0, seed=seed)
+        self.sim = Simulator(rooms=ROOMS, token=TOKEN, heartbeat=5, tick=0, seed=seed,
+                             snapshot_poll=FALLBACK_INTERVAL)
         self.broker = Broker(workdir)
         self.display_port = free_port()
         self.state_dir = workdir / "state"
@@ -318,6 +323,9 @@ class Chaos:
         self.log_lines = 0
         self.kinds = [k for k in FAULTS if not k.needs_root or self._mount_tmpfs()]
         self.current: Round | None = None
+        # A stopped daemon cannot say anything but its will: honesty bounds stretch around it.
+        self.stopped_at: float | None = None
+        self.resumed_at: float | None = None
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -391,7 +399,7 @@ class Chaos:
             chosen = self._choose()
             round_ = Round(number, [k.name for k in chosen])
             self.current = round_
-            handshakes = self.sim.handshakes
+            handshakes = self._attempts()
             self.traffic_on.set()
             t0 = time.monotonic()
             await asyncio.sleep(self.rng.uniform(0.2, 1.0))  # traffic before the fault
@@ -404,7 +412,7 @@ class Chaos:
             if round_.recovery is None:
                 self._violate(f"not recovered within {RECOVERY_LIMIT:.0f} s: {'; '.join(self._problems()[:6])}")
                 await self._repair()
-            attempts = self.sim.handshakes - handshakes
+            attempts = self._attempts() - handshakes
             allowed = 10 + 2 * elapsed / (BACKOFF_MAX / 2) * len(chosen)
             if attempts > allowed:
                 self._violate(f"{attempts} connection attempts in {elapsed:.1f} s (bound {allowed:.0f})")
@@ -418,6 +426,10 @@ class Chaos:
                   f"{round_.recovery if round_.recovery is not None else float('nan'):5.2f} s  {mark}  "
                   f"{'; '.join(round_.details)[:90]}", flush=True)
         return self._report(time.monotonic() - started)
+
+    def _attempts(self) -> int:
+        """Connection attempts the server (or the proxy in front of it) has seen."""
+        return self.sim.handshakes + self.sim.upgrades_broken
 
     def _choose(self) -> list[FaultKind]:
         how_many = self.rng.choice((1, 1, 1, 2, 2, 3))
@@ -444,6 +456,7 @@ class Chaos:
         self.proxy.delay = 0.0
         self.sim.set_silent(False)
         self.sim.refuse(None)
+        self.sim.break_upgrades(None)
         with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: it is running
             await self.sim.start(port=self.proxy.target_port)
         if not self.daemon.alive():
@@ -523,8 +536,12 @@ class Chaos:
     async def expect_not_live(self, since: float, bound: float, what: str) -> None:
         """Honesty during a fault: by ``since + bound`` no surface may still show live numbers."""
         assert self.mirror is not None
-        deadline = since + bound
         while True:
+            deadline = since + bound
+            if self.stopped_at is not None:  # SIGSTOPped meanwhile: only its will can speak
+                deadline = max(deadline, self.stopped_at + WILL_BOUND)
+            elif self.resumed_at is not None and self.resumed_at > since - WILL_BOUND:
+                deadline = max(deadline, self.resumed_at + bound)  # it notices once it runs again
             liars = []
             if self.mirror.live(self.rooms):
                 liars.append("mqtt")
@@ -533,6 +550,37 @@ class Chaos:
                 return
             if time.monotonic() >= deadline:
                 self._violate(f"{what}: {', '.join(liars)} still live {bound:.1f} s after the link died")
+                return
+            await asyncio.sleep(0.05)
+
+    async def expect_fresh_without_socket(self, since: float, bound: float, what: str) -> None:
+        """With upgrades broken, a change reaches MQTT through the snapshot within the bound,
+        live (``stale: false``), and ``upstream`` says ``degraded`` (or ``connected``, for the
+        moments a cut-after-upgrade socket lives)."""
+        assert self.mirror is not None
+        await asyncio.sleep(FALLBACK_AFTER)  # the socket is given its chance first
+        room = self.rooms[0]
+        marker = f"FB-{int(since * 1000) % 100000}"
+        traffic = self.traffic_on.is_set()
+        self.traffic_on.clear()  # the marker must not be overwritten before it is seen
+        await asyncio.sleep(0.15)  # the traffic task's last change is out
+        self.sim.set_queue(room, self.sim.rooms[room].patients, marker)
+        try:
+            await self._await_marker(room, marker, since + bound, what)
+        finally:
+            if traffic:
+                self.traffic_on.set()
+
+    async def _await_marker(self, room: str, marker: str, deadline: float, what: str) -> None:
+        assert self.mirror is not None
+        while True:
+            state = self.mirror.room_state(room) or {}
+            upstream = self.mirror.last.get(f"{BASE}/upstream")
+            if state.get("now_serving") == marker and state.get("stale") is False and upstream in ("degraded", "connected"):
+                return
+            if time.monotonic() >= deadline:
+                self._violate(f"upgrades broken ({what}): {room} not fresh through the snapshot "
+                              f"in time (upstream {upstream!r}, state {state})")
                 return
             await asyncio.sleep(0.05)
 
@@ -653,6 +701,18 @@ async def stall_proxy(c: Chaos, rng: random.Random) -> str:
     return f"link stalled {time.monotonic() - since:.1f} s"
 
 
+async def break_upgrades(c: Chaos, rng: random.Random) -> str:
+    """A proxy that breaks WebSocket upgrades: the values must stay fresh through the
+    snapshot, and every surface say ``degraded``."""
+    mode = rng.choice(("426", "400", "200", "403", "cut"))
+    c.sim.break_upgrades(mode, cut_after=rng.uniform(0.5, 2))
+    await c.sim.close_all(1012)
+    since = time.monotonic()
+    await c.expect_fresh_without_socket(since, FALLBACK_AFTER + FALLBACK_INTERVAL + 3.0, mode)
+    c.sim.break_upgrades(None)
+    return f"upgrades broken ({mode}) for {time.monotonic() - since:.1f} s"
+
+
 async def slow_proxy(c: Chaos, rng: random.Random) -> str:
     assert c.proxy is not None
     c.proxy.delay = rng.uniform(0.05, 0.4)
@@ -766,7 +826,7 @@ async def kill_daemon(c: Chaos, rng: random.Random) -> str:
 
 async def stop_daemon(c: Chaos, rng: random.Random) -> str:
     assert c.daemon is not None
-    since = time.monotonic()
+    since = c.stopped_at = time.monotonic()
     c.daemon.signal(signal.SIGSTOP)
     if rng.random() < 0.25:
         await c.expect_not_live(since, WILL_BOUND, "stopped daemon")
@@ -775,6 +835,7 @@ async def stop_daemon(c: Chaos, rng: random.Random) -> str:
         hold = rng.uniform(0.5, 3)
         await asyncio.sleep(hold)
     c.daemon.signal(signal.SIGCONT)
+    c.stopped_at, c.resumed_at = None, time.monotonic()
     return f"SIGSTOP for {hold:.1f} s"
 
 
@@ -840,6 +901,7 @@ FAULTS: tuple[FaultKind, ...] = (
     FaultKind("freeze_server", "server", 1, freeze_server),
     FaultKind("stall_link", "link", 1, stall_proxy),
     FaultKind("slow_link", "link", 1, slow_proxy),
+    FaultKind("break_upgrades", "server", 2, break_upgrades),
     FaultKind("refuse_handshake", "server", 2, refuse_handshakes),
     FaultKind("restart_server", "server", 2, restart_server),
     FaultKind("restart_broker", "broker", 2, restart_broker),

@@ -301,3 +301,35 @@ async def test_stopping_in_the_middle_of_a_poll_is_prompt(sim, broker, watcher):
                 await hole.arrived.wait()
             started = loop.time()
         assert loop.time() - started < 2.0
+
+
+async def test_polls_never_log_the_url_or_token_even_at_debug(broker, watcher, tmp_path):
+    # httpx logs every request at INFO with its URL, and the token rides in it with
+    # token_in: query. The daemon's own process, at debug level, must show neither.
+    from testsupport import Daemon
+
+    secret = "s3cret-poll-token"
+    token_file = tmp_path / "token"
+    token_file.write_text(secret + "\n")
+    token_file.chmod(0o600)
+    async with Simulator(rooms=("opd-1", "lab"), token=secret, initial_patients={"opd-1": 4}) as sim:
+        sim.set_snapshot_poll(INTERVAL)
+        sim.break_upgrades("426")
+        daemon = Daemon(tmp_path, "daemon", {
+            "upstream": {"url": sim.url, "token_file": str(token_file), "token_in": "query",
+                         "backoff": {"initial": 0.05, "max": 0.3},
+                         "fallback": {"url": sim.snapshot_url, "interval": INTERVAL, "after": AFTER}},
+            "rooms": [{"id": "opd-1"}, {"id": "lab"}],
+            "mqtt": {"port": broker.port, "client_id": "wr-poll-log"},
+            "display": {"enabled": False},
+            "log_level": "debug",
+        })
+        daemon.start()
+        try:
+            await watcher.wait_topic("waiting-room/upstream", "degraded")
+            await watcher.wait_topic("waiting-room/opd-1/patients", "4")  # a poll answered
+        finally:
+            daemon.stop()
+    log = daemon.log_text()
+    assert "degraded" in log  # the log is there, and at debug level
+    assert secret not in log and "HTTP Request" not in log

@@ -27,7 +27,8 @@ def _setup_logging(level: str) -> None:
     root.setLevel(level.upper())
     # Third-party chatter stays out of the journal unless it is a real problem; the
     # websockets handshake logger is never allowed to DEBUG (it would print the token).
-    for noisy in ("websockets", "waiting_room.wire", "waiting_room.mqtt.client"):
+    # httpx logs every snapshot poll at INFO, URL included (with ?token= when token_in is query).
+    for noisy in ("websockets", "waiting_room.wire", "waiting_room.mqtt.client", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
