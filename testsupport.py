@@ -173,11 +173,20 @@ class Broker:
     # QoS 0 message is never dropped because a probe lags (0 = unlimited queues).
     TUNED = "set_tcp_nodelay true\nmax_queued_messages 0\nmax_queued_bytes 0\n"
 
-    def __init__(self, workdir: Path, *, tuned: bool = False, persistence: bool = False) -> None:
+    def __init__(self, workdir: Path, *, tuned: bool = False, persistence: bool = False,
+                 tls: Issued | None = None, ca: Path | None = None, require_certificate: bool = False,
+                 users: dict[str, str] | None = None) -> None:
+        """``tls``: the listener speaks TLS only, with this server certificate; ``ca`` and
+        ``require_certificate``: clients must present a certificate issued by that CA.
+        ``users``: name -> password (a mosquitto password file); anonymous clients refused."""
         self.workdir = workdir
         self.port = free_port()
         self.tuned = tuned
         self.persistence = persistence
+        self.tls = tls
+        self.ca = ca
+        self.require_certificate = require_certificate
+        self.users = users
         self.proc: subprocess.Popen[bytes] | None = None
         self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.log_path = workdir / "mosquitto.log"
@@ -191,6 +200,23 @@ class Broker:
 
     def _conf(self) -> str:
         conf = self.BASE.format(port=self.port)
+        if self.users is not None:
+            passwords = self.workdir / "mosquitto.passwd"
+            passwords.write_text("")
+            passwords.chmod(0o600)
+            for name, password in self.users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(passwords), name, password], check=True,
+                               capture_output=True)
+            conf = conf.replace("allow_anonymous true", "allow_anonymous false") + f"password_file {passwords}\n"
+        if self.tls is not None:
+            conf += f"certfile {self.tls.cert}\nkeyfile {self.tls.key}\n"
+            if self.ca is not None:
+                conf += f"cafile {self.ca}\n"
+            conf += f"require_certificate {'true' if self.require_certificate else 'false'}\n"
+        if (self.tls is not None or self.users is not None) and os.geteuid() == 0:
+            # mosquitto started as root drops to its own user before reading these files,
+            # which live in the test's private (0700) directory.
+            conf += "user root\n"
         if self.persistence:
             conf += f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 0\n"
         else:

@@ -244,6 +244,7 @@ def test_not_a_tls_failure(exc):
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import logging  # noqa: E402
+import time  # noqa: E402
 
 from conftest import make_config, running, wait_store  # noqa: E402
 
@@ -380,3 +381,78 @@ async def test_a_server_requiring_a_client_certificate_refuses_one_without(pki, 
             await wait_store(app, lambda: bool(app.store.link.detail))
             assert app.store.link.status is LinkStatus.DISCONNECTED
             assert sim.connections == 0
+
+
+# -- MQTT: mosquitto with a TLS listener and require_certificate -------------------------------
+
+import aiomqtt  # noqa: E402
+from conftest import Broker, Watcher  # noqa: E402
+
+
+@pytest.fixture
+def tls_broker(tmp_path, pki):
+    b = Broker(tmp_path, tls=pki.server_chain, ca=pki.ca.cert, require_certificate=True)
+    b.start()
+    yield b
+    b.stop()
+
+
+@contextlib.asynccontextmanager
+async def tls_watcher(broker, pki):
+    """A subscriber to everything, itself with a client certificate."""
+    context = tls.client_context(str(pki.ca.cert), str(pki.client.cert), str(pki.client.key), section="test")
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="test-tls-watcher", tls_context=context) as client:
+        await client.subscribe("#")
+        w = Watcher(client)
+        task = asyncio.create_task(w._pump())
+        try:
+            yield w
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+
+
+def mqtt_tls(pki, client=None, ca=None) -> dict:
+    keys = {"mqtt__ca_file": str(ca or pki.ca.cert)}
+    if client is not None:
+        keys |= {"mqtt__cert_file": str(client.cert), "mqtt__key_file": str(client.key)}
+    return keys
+
+
+async def test_a_broker_requiring_client_certificates_is_reached(sim, tls_broker, pki):
+    async with tls_watcher(tls_broker, pki) as watcher:
+        async with running(make_config(sim.url, tls_broker.port, **mqtt_tls(pki, pki.client))) as app:
+            await watcher.wait_topic("waiting-room/status", "online")
+            await watcher.wait_topic("waiting-room/opd-1/patients", "5")
+            assert app.store.components["mqtt"] == "connected"
+        await watcher.wait_topic("waiting-room/status", "offline")
+
+
+@pytest.mark.parametrize(
+    ("ca", "client", "detail"),
+    [
+        ("rogue", "client", "TLS certificate not trusted: "),
+        (None, None, "TLS: the server requires a client certificate (mqtt.cert_file)"),
+        (None, "rogue_client", "TLS: the server does not trust our client certificate (mqtt.cert_file): unknown CA"),
+    ],
+)
+async def test_a_broker_refusal_is_one_clear_line(sim, tls_broker, pki, ca, client, detail):
+    keys = mqtt_tls(pki, getattr(pki, client) if client else None, pki.rogue.cert if ca else None)
+    config = make_config(sim.url, tls_broker.port, **keys)
+    started = time.time()  # LogRecord.created is wall-clock time
+    async with LogWatch("waiting_room.mqtt") as logs, running(config) as app:
+
+        def attempts() -> list[logging.LogRecord]:
+            return [r for r in logs.records if r.name == "waiting_room.mqtt" and detail in r.getMessage()]
+
+        await logs.wait(lambda: len(attempts()) >= 3, what=f"3 attempts failing with {detail!r}")
+        records = attempts()
+        assert [r.levelno for r in records[:3]] == [logging.ERROR, logging.DEBUG, logging.DEBUG], records
+        # Refused at once, not after aiomqtt's 10 s wait for a CONNACK; then at the maximum.
+        assert records[0].created - started < 5
+        gaps = [b.created - a.created for a, b in zip(records, records[1:])]
+        assert min(gaps) >= float(config.mqtt.backoff.max) * 0.9, gaps
+        state = app.store.components["mqtt"]
+        assert state.startswith("disconnected (") and detail in state
+        assert detail in status_text(app.store)

@@ -13,6 +13,7 @@ import math
 import random
 import re
 import socket
+import ssl
 import time
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -21,6 +22,7 @@ import aiomqtt
 import msgspec
 from paho.mqtt.client import MQTT_ERR_SUCCESS
 
+from . import tls
 from .config import MqttConfig
 from .credentials import SecretError, credential_path, read_secret_file
 from .discovery import Discovery
@@ -141,6 +143,30 @@ class _Client(aiomqtt.Client):
         # paho may call this from the executor thread that connects.
         self._loop.call_soon_threadsafe(register)
 
+    def _tls_refused(self, exc: ssl.SSLError) -> None:
+        """A TLS 1.3 broker refuses a client certificate after the handshake: paho only logs
+        the alert and aiomqtt would wait out its timeout for a CONNACK. Fail the connect now,
+        with the alert as the cause (``tls.describe_failure`` names it)."""
+        if not self._connected.done():
+            error = aiomqtt.MqttError(f"TLS: {exc.reason or exc}")
+            error.__cause__ = exc
+            self._connected.set_exception(error)
+
+
+class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """paho's logger; a TLS error it reports from the socket goes to ``on_tls_error`` too."""
+
+    def __init__(self, logger: logging.Logger, on_tls_error: Any) -> None:
+        super().__init__(logger, {})
+        self.on_tls_error = on_tls_error
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        for arg in args:
+            if isinstance(arg, ssl.SSLError):
+                self.on_tls_error(arg)
+                level = logging.DEBUG  # the publisher logs it once, in its own words
+        super().log(level, msg, *args, **kwargs)
+
 
 class MqttPublisher:
     def __init__(
@@ -160,6 +186,13 @@ class MqttPublisher:
         self.discovery = (
             Discovery.for_client(cfg.discovery, cfg.base_topic, self.identifier) if cfg.discovery else None
         )
+        # TLS to the broker (mqtt.ca_file; cert_file + key_file: a client certificate), built
+        # again when one of the files changes on disk.
+        self._tls = (
+            tls.Cached(lambda: tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file, section="mqtt"),
+                       (cfg.ca_file, cfg.cert_file, cfg.key_file))
+            if cfg.ca_file else None
+        )
 
     @property
     def status_topic(self) -> str:
@@ -172,9 +205,8 @@ class MqttPublisher:
             return read_secret_file(credential_path(self.cfg.password_credential), "MQTT password credential")
         return None
 
-    def _client(self, password: str | None) -> aiomqtt.Client:
-        tls = aiomqtt.TLSParameters(ca_certs=self.cfg.ca_file) if self.cfg.ca_file else None
-        return _Client(
+    def _client(self, password: str | None, context: ssl.SSLContext | None = None) -> aiomqtt.Client:
+        client = _Client(
             self.cfg.host,
             self.cfg.port,
             username=self.cfg.username,
@@ -182,34 +214,56 @@ class MqttPublisher:
             identifier=self.identifier,
             keepalive=self.cfg.keepalive,
             will=aiomqtt.Will(self.status_topic, "offline", qos=1, retain=True),
-            tls_params=tls,
+            tls_context=context,
             timeout=10,
             # A fresh connection without it stalls ~40 ms on delayed ACKs for small packets.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             logger=logging.getLogger("waiting_room.mqtt.client"),
         )
+        if context is not None:
+            client._client.enable_logger(_PahoLog(logging.getLogger("waiting_room.mqtt.client"), client._tls_refused))
+        return client
 
     async def run(self) -> None:
         schedule = ReconnectSchedule(float(self.cfg.backoff.initial), float(self.cfg.backoff.max))
         where = f"{self.cfg.host}:{self.cfg.port}"
         self.store.set_component("mqtt", "connecting")
+        last_lasting: str | None = None
         while True:
             connected_at: float | None = None
+            failure: tls.Failure | None = None
             try:
                 password = await asyncio.to_thread(self._password)
-                async with self._client(password) as client:
+                context = await asyncio.to_thread(self._tls.get) if self._tls is not None else None
+                async with self._client(password, context) as client:
                     connected_at = time.monotonic()
+                    last_lasting = None
                     log.info("mqtt connected to %s as %s", where, self.identifier)
                     self.store.set_component("mqtt", "connected")
                     await self._connected(client)
             except aiomqtt.MqttError as exc:
                 problem = str(exc) or type(exc).__name__
-            except SecretError as exc:
+                failure = tls.describe_failure(exc, "mqtt")
+            except (SecretError, tls.TlsError) as exc:
                 problem = str(exc)
+                failure = tls.describe_failure(exc, "mqtt")
             healthy = connected_at is not None and time.monotonic() - connected_at >= STABLE_AFTER
-            delay = schedule.next(Action.BACKOFF, healthy=healthy).delay
-            self.store.set_component("mqtt", "disconnected")
-            log.warning("mqtt %s: %s; retrying in %.1f s", where, problem, delay)
+            lasting = failure is not None and failure.lasting
+            # A lasting problem shows in /healthz and `systemctl status` too.
+            self.store.set_component("mqtt", f"disconnected ({failure.detail})" if lasting else "disconnected")
+            if failure is not None and failure.lasting:
+                # An untrusted broker certificate, a refused client certificate, an unusable
+                # TLS file: retried at the backoff's maximum, one ERROR line until it changes.
+                delay = schedule.next(Action.AT_LEAST_MAX).delay
+                level = logging.DEBUG if failure.detail == last_lasting else logging.ERROR
+                last_lasting = failure.detail
+                log.log(level, "mqtt %s: %s; retrying in %.1f s", where, failure.detail, delay)
+            else:
+                delay = schedule.next(Action.BACKOFF, healthy=healthy).delay
+                last_lasting = None
+                if failure is not None:
+                    problem = failure.detail
+                log.warning("mqtt %s: %s; retrying in %.1f s", where, problem, delay)
             await asyncio.sleep(delay)
 
     async def _connected(self, client: aiomqtt.Client) -> None:
