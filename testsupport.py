@@ -45,14 +45,17 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, log: Pat
 
 
 async def http_get(port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET", *,
-                   source: str = "127.0.0.1", timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+                   source: str = "127.0.0.1", timeout: float = 5.0, ssl: Any = None,
+                   host: str | None = None) -> tuple[int, dict[str, str], bytes]:
     """One raw HTTP/1.1 request to a loopback port, the target sent byte for byte, from a chosen
     loopback source address (a flood from "other machines" comes from 127.0.x.y). Status 0:
-    the answer was not HTTP."""
+    the answer was not HTTP. ``ssl``: an ``SSLContext`` (HTTPS); ``host``: the Host header
+    (default ``127.0.0.1:<port>``; "" sends none)."""
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0), ssl=ssl)
         try:
-            lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+            host_line = [f"Host: {host if host is not None else f'127.0.0.1:{port}'}"] if host != "" else []
+            lines = [f"{method} {target} HTTP/1.1", *host_line, "Connection: close"]
             lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             raw = await reader.read()

@@ -123,6 +123,31 @@ def format_health(doc: dict, url: str, now: float) -> str:
     return "\n".join(lines)
 
 
+def _pinned_context(cert_file: str) -> object:
+    """Trusts exactly the daemon's own certificate (the first in ``display.cert_file``), for
+    ``status --config`` on the machine itself: whatever names it was made for, the loopback
+    address it is reached by here need not be one of them."""
+    import ssl
+
+    try:
+        with open(cert_file, encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError as exc:
+        print(f"display.cert_file: {cert_file}: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    start = text.find(begin)
+    stop = text.find(end, start)
+    if start < 0 or stop < 0:
+        print(f"display.cert_file: {cert_file}: no certificate in it", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # the pin is the certificate itself
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a trust anchor that is not a CA
+    context.load_verify_locations(cadata=text[start:stop + len(end)])
+    return context
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Exit 0 healthy, 1 unhealthy, 3 unreachable (2 stays "bad configuration")."""
     import json
@@ -131,19 +156,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     import urllib.request
 
     url = args.url
+    context = None
     if url is None:
-        listen = _load(args.config).display.listen if args.config else "127.0.0.1:8080"
+        display = _load(args.config, files=False).display if args.config else None
+        listen = display.listen if display is not None else "127.0.0.1:8080"
         host, _, port = listen.rpartition(":")
         host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host in ("::", "[::]") else host.strip("[]")
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        secure = display is not None and display.cert_file is not None
+        url = f"{'https' if secure else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
+        if secure and args.ca_file is None:
+            context = _pinned_context(display.cert_file)  # type: ignore[union-attr,arg-type]
+    if args.ca_file is not None:
+        from . import tls
+
+        try:
+            context = tls.client_context(args.ca_file, section="--ca-file")
+        except tls.TlsError as exc:
+            print(str(exc).replace("--ca-file.ca_file", "--ca-file"), file=sys.stderr)
+            return EXIT_CONFIG
     url = url.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=args.timeout) as response:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=args.timeout, context=context) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:  # 503 carries the same document
         body = exc.read()
     except (OSError, ValueError) as exc:
-        print(f"waiting-room at {url}: unreachable ({getattr(exc, 'reason', exc)})", file=sys.stderr)
+        from . import tls
+
+        failure = tls.describe_failure(exc, "display")
+        reason = f"{failure.detail}; --ca-file names the CA to trust" if failure else getattr(exc, "reason", exc)
+        print(f"waiting-room at {url}: unreachable ({reason})", file=sys.stderr)
         return 3
     try:
         doc = json.loads(body)
@@ -170,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="a short summary of a running daemon (from its /healthz)")
     status.add_argument("--config", "-c", help="find the daemon's display address in this config")
-    status.add_argument("--url", help="the daemon's display service, e.g. http://127.0.0.1:8080")
+    status.add_argument("--url", help="the daemon's display service, e.g. http://127.0.0.1:8080 or https://kiosk:8443")
+    status.add_argument("--ca-file", help="trust the display's https certificate through this CA (PEM)")
     status.add_argument("--timeout", type=float, default=5.0)
     status.set_defaults(func=cmd_status)
 

@@ -21,6 +21,7 @@ import hmac
 import http
 import ipaddress
 import logging
+import ssl
 import time
 from functools import partial
 from typing import Any, Callable, Final, Iterable, Mapping
@@ -32,6 +33,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from .. import tls
 from ..credentials import SecretError, read_secret_file
 from ..config import DisplayConfig, RoomConfig
 from ..store import Batch, RoomStore
@@ -95,18 +97,58 @@ def _canned_refusal(reason: str) -> bytes:
 _REFUSALS: Final = {reason: _canned_refusal(reason) for reason in limits.REASON_TEXT}
 
 
+class _TlsHandshakes:
+    """The TLS handshakes under way (display.cert_file): each is a task owned here, cancelled
+    when the service stops; failures are logged once a minute with a count."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.failures = 0
+        self._log = RateLimitedLog(log)
+
+    def start(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name="display-tls-handshake")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def failed(self, address: str, exc: BaseException) -> None:
+        """A TLS error is counted and logged; a client that just went away is not news."""
+        if not isinstance(exc, ssl.SSLError):
+            return
+        self.failures += 1
+        reason = exc.reason or type(exc).__name__
+        hint = " (a page opened with http:// on the https:// port?)" if reason == "HTTP_REQUEST" else ""
+        self._log.warning("display: TLS handshake with %s failed: %s%s", address, reason, hint)
+
+    def cancel(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+
 class _Connection(ServerConnection):
     """Counts itself from accept to close (every state: before its request, pages, screens),
-    and refuses itself at once, before any handshake task exists, when over the limits."""
+    and refuses itself at once, before any handshake task exists, when over the limits.
 
-    def __init__(self, *args: Any, counts: ConnectionLimits, on_refused: Callable[[str, str], None], **kwargs: Any):
+    With TLS, the connection is counted from the TCP accept too, then upgraded here
+    (``loop.start_tls``) rather than by the server socket: a client that never finishes its
+    TLS handshake holds a counted descriptor for at most ``OPEN_TIMEOUT``, and one over the
+    limits is dropped before any handshake is spent on it."""
+
+    def __init__(self, *args: Any, counts: ConnectionLimits, on_refused: Callable[[str, str], None],
+                 handshakes: _TlsHandshakes | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.counts = counts
         self.on_refused = on_refused
+        self.handshakes = handshakes
         self.address = "?"
         self.counted = False
         self.client = False  # holds a screen's slot (taken in process_request)
         self.health_only = False  # taken beyond the budget: /healthz and nothing else
+        # While TLS is being set up: what arrives in the same read as the handshake's end.
+        self._early: list[bytes] | None = None
+        self._early_eof = False
+        self._made = False  # websockets' side has its transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.address = limits.address_key(transport.get_extra_info("peername"))
@@ -115,20 +157,72 @@ class _Connection(ServerConnection):
         reason = self.counts.opened(self.address, sock.fileno() if sock is not None else None)
         if reason is None or reason == limits.HEALTH_ONLY:
             self.health_only = reason is not None
+            if self.handshakes is not None:
+                self._early = []
+                self.handshakes.start(self._start_tls(transport))
+                return
+            self._made = True
             super().connection_made(transport)
             return
+        self._made = True
         Connection.connection_made(self, transport)  # no handshake: answered and closed now
         assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(_REFUSALS[reason])
-        transport.close()
+        if self.handshakes is not None:
+            transport.abort()  # no TLS handshake spent on it: a TLS client sees a reset
+        else:
+            transport.write(_REFUSALS[reason])
+            transport.close()
         self.on_refused(reason, self.address)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    async def _start_tls(self, transport: asyncio.BaseTransport) -> None:
+        assert self.handshakes is not None
+        try:
+            secure = await asyncio.get_running_loop().start_tls(
+                transport, self, self.handshakes.context, server_side=True, ssl_handshake_timeout=OPEN_TIMEOUT,
+            )
+        except (OSError, TimeoutError) as exc:  # start_tls has closed the transport
+            self._uncount()
+            self.handshakes.failed(self.address, exc)
+            return
+        except BaseException:  # cancelled: the service stops
+            self._uncount()
+            raise
+        if secure is None or self._early is None:  # lost at the very end of the handshake
+            self._uncount()
+            if secure is not None:
+                secure.abort()
+            return
+        early, self._early = self._early, None
+        self._made = True
+        super().connection_made(secure)
+        for data in early:
+            super().data_received(data)
+        if self._early_eof:
+            super().eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        if self._early is not None:
+            self._early.append(data)
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._early is not None:
+            self._early_eof = True
+            return None
+        return super().eof_received()
+
+    def _uncount(self) -> None:
         if self.counted:
             self.counted = False
             self.counts.closed(self.address, self.client)
             self.client = False
-        super().connection_lost(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._early = None  # a TLS handshake under way: it ends here
+        self._uncount()
+        if self._made:
+            super().connection_lost(exc)
 
 
 class _View:
@@ -179,6 +273,7 @@ class DisplayService:
         self._slow = RateLimitedLog(log)
         self._refusals = RateLimitedLog(log)
         self.limits: ConnectionLimits | None = None
+        self._tls: _TlsHandshakes | None = None  # HTTPS (display.cert_file)
 
     def update_rooms(self, rooms: Iterable[RoomConfig]) -> None:
         """A reload changed the rooms: pages and ``/ws`` follow at once, and open pages learn
@@ -191,7 +286,8 @@ class DisplayService:
             return None
         host = self.cfg.host
         host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
-        return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{self.port}/"
+        scheme = "https" if self.cfg.cert_file else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{self.port}/"
 
     async def run(self) -> None:
         # Listening comes first and outside the TaskGroup: a busy port is a plain OSError
@@ -213,9 +309,13 @@ class DisplayService:
             if server is not None:
                 # Every page is closed with 1001 (going away): it shows "offline" at once.
                 server.close()
+                if self._tls is not None:
+                    self._tls.cancel()  # handshakes under way: no page behind them yet
                 try:
                     async with asyncio.timeout(CLOSE_TIMEOUT + 3):
                         await server.wait_closed()
+                        if self._tls is not None and self._tls.tasks:
+                            await asyncio.wait(set(self._tls.tasks))
                 except TimeoutError:
                     log.warning("display: some pages did not close in time")
 
@@ -223,6 +323,8 @@ class DisplayService:
         self._assets = await asyncio.to_thread(render.load_assets)
         token = await asyncio.to_thread(read_access_token, self.cfg)
         self._token = token.encode() if token is not None else None
+        context = await asyncio.to_thread(tls.display_context, self.cfg)
+        self._tls = _TlsHandshakes(context) if context is not None else None
         for r in self.rooms.values():
             if r.locale and render.resolve_locale(r.locale, self._assets.locales) == render.DEFAULT_LOCALE != r.locale:
                 log.warning("display: room %s: no locale %r in display/locales, using English", r.id, r.locale)
@@ -232,6 +334,11 @@ class DisplayService:
             log.warning(
                 "display: listening on %s without display.access_token: anyone who can reach it sees the pages",
                 self.cfg.listen,
+            )
+        elif self._tls is None and not is_loopback(self.cfg.host):
+            log.warning(
+                "display: listening on %s over plain HTTP: the access token travels in clear; "
+                "set display.cert_file and display.key_file", self.cfg.listen,
             )
         budget = Budget.plan(self.cfg.max_clients, self.cfg.max_clients_per_address, limits.soft_fd_limit())
         if budget.clamped:
@@ -257,7 +364,8 @@ class DisplayService:
                 ping_timeout=PING_TIMEOUT,
                 open_timeout=OPEN_TIMEOUT,
                 close_timeout=CLOSE_TIMEOUT,
-                create_connection=partial(_Connection, counts=self.limits, on_refused=self._refused),
+                create_connection=partial(_Connection, counts=self.limits, on_refused=self._refused,
+                                          handshakes=self._tls),
                 backlog=budget.accept_batch,
             )
         except OSError as exc:
@@ -405,6 +513,8 @@ class DisplayService:
         }
         if self.limits is not None:
             extra.update(self.limits.stats())
+        if self._tls is not None:
+            extra["tls"] = {"handshakes": len(self._tls.tasks), "failed_handshakes": self._tls.failures}
         if self.signs is not None:
             extra["signs"] = self.signs.stats()
         status, body = render.health(
