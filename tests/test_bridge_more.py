@@ -211,19 +211,55 @@ async def test_discovery_and_home_assistant_restart(sim, broker, watcher):
         assert sensor["state_class"] == "measurement" and sensor["unique_id"]
         binary = json.loads(watcher.last["homeassistant/binary_sensor/wr-test/upstream/config"])
         assert binary["device_class"] == "connectivity"
-        before = sum(1 for t, _ in watcher.history if t == topic)
+        # Every entity of every room is announced again when Home Assistant comes back.
+        topics = [t for room in ("opd-1", "lab") for t in app.mqtt.discovery.room_topics(room)]
+        await watcher.wait_for(lambda: all(t in watcher.last for t in topics))
+        before = {t: sum(1 for seen, _ in watcher.history if seen == t) for t in topics}
         await watcher.client.publish("homeassistant/status", "online")
-        await watcher.wait_for(lambda: sum(1 for t, _ in watcher.history if t == topic) > before)
+        await watcher.wait_for(
+            lambda: all(sum(1 for seen, _ in watcher.history if seen == t) > before[t] for t in topics))
+
+
+async def test_rooms_are_devices_in_their_areas_and_reloads_follow(sim, broker, watcher):
+    rooms = [{"id": "opd-1", "name": "OPD 1", "area": "Outpatients"}, {"id": "lab", "name": "Laboratory"}]
+    async with running(make_config(sim.url, broker.port, rooms=rooms)) as app:
+        disc = app.mqtt.discovery
+        for topic in disc.room_topics("opd-1") + disc.room_topics("lab"):
+            await watcher.wait_topic(topic)
+        device = json.loads(watcher.last[disc.room_topic("opd-1")])["device"]
+        assert device["suggested_area"] == "Outpatients" and device["via_device"] == "wr-test"
+        assert "suggested_area" not in json.loads(watcher.last[disc.room_topic("lab")])["device"]
+        # A reload adds a room in an area, moves one, and takes one out: all of the removed
+        # room's entries are emptied, the others announced with their new area.
+        sim.add_room("xray", 4)
+        moved = [{"id": "opd-1", "name": "OPD 1", "area": "East wing"}, {"id": "xray", "name": "X-ray", "area": "Imaging"}]
+        await app.apply(make_config(sim.url, broker.port, rooms=moved))
+        for topic in disc.room_topics("lab"):
+            await watcher.wait_topic(topic, "")
+        await watcher.wait_topic("waiting-room/lab/state", "")
+        await watcher.wait_for(lambda: disc.room_topic("xray") in watcher.last)
+        xray = json.loads(watcher.last[disc.room_topic("xray")])["device"]
+        assert xray["suggested_area"] == "Imaging"
+        for topic in disc.room_topics("opd-1"):
+            await watcher.wait_for(
+                lambda t=topic: json.loads(watcher.last[t])["device"].get("suggested_area") == "East wing")
+        # HA drops the entities before their state topics are emptied.
+        order = [t for t, payload in watcher.history if payload == "" and "lab" in t]
+        assert order.index(disc.room_topic("lab")) < order.index("waiting-room/lab/state")
 
 
 async def test_removed_room_loses_its_discovery_entry(sim, broker, watcher):
-    async with running(make_config(sim.url, broker.port)):
-        await watcher.wait_topic("homeassistant/sensor/wr-test/lab/config")
-    # Restarted with "lab" taken out of the config: its retained entry is cleared.
+    async with running(make_config(sim.url, broker.port)) as app:
+        disc = app.mqtt.discovery
+        for topic in disc.room_topics("lab"):
+            await watcher.wait_topic(topic)
+    # Restarted with "lab" taken out of the config: every retained entry of it is cleared.
     one_room = make_config(sim.url, broker.port, rooms=[{"id": "opd-1", "name": "OPD 1"}])
     async with running(one_room):
-        await watcher.wait_topic("homeassistant/sensor/wr-test/lab/config", "")
-        assert watcher.last["homeassistant/sensor/wr-test/opd-1/config"] != ""
+        for topic in disc.room_topics("lab"):
+            await watcher.wait_topic(topic, "")
+        for topic in disc.room_topics("opd-1"):
+            assert watcher.last[topic] != ""
 
 
 async def test_discovery_off(sim, broker, watcher):

@@ -438,6 +438,14 @@ def test_room_id_with_trailing_newline_is_refused():
     assert message.startswith(f"{SOURCE}: rooms[0].id")
 
 
+def test_a_room_may_name_its_home_assistant_area():
+    config = parse_config(variant(("rooms.0.area", "Outpatients")), SOURCE)
+    assert config.rooms[0].area == "Outpatients"
+    assert config.rooms[1].area is None
+    assert error_of(variant(("rooms.0.area", ""))).startswith(f"{SOURCE}: rooms[0].area")
+    assert error_of(variant(("rooms.0.area", 7))).startswith(f"{SOURCE}: rooms[0].area")
+
+
 # -- files -------------------------------------------------------------------------------
 
 

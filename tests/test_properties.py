@@ -539,21 +539,24 @@ def test_topics_stay_valid_and_under_their_prefix(base, prefix, client_id, room,
         assert valid_topic(topic) and topic.startswith(base + "/"), topic
     disc = Discovery.for_client(prefix, base, client_id)
     assert re.fullmatch(r"[A-Za-z0-9_-]+", disc.node_id), disc.node_id
-    for topic in (disc.room_topic(room), disc.upstream_topic):
+    for topic in (*disc.room_topics(room), disc.upstream_topic):
         assert valid_topic(topic) and topic.startswith(prefix + "/"), topic
         assert len(topic.split("/")) == len(prefix.split("/")) + 4
         assert matches(disc.subscription, topic)
-    assert disc.removal(room).topic == disc.room_topic(room)
-    config = json.loads(disc.room_message(room, name).payload)
-    assert config["name"] == name
-    assert config["state_topic"] == f"{base}/{room}/patients"
-    assert config["json_attributes_topic"] == f"{base}/{room}/state"
-    published = [config["state_topic"], config["json_attributes_topic"]]
-    published += [a["topic"] for a in config["availability"]]
-    for topic in published:
-        assert valid_topic(topic) and topic.startswith(base + "/"), topic
-    assert not disc.is_stale_entry(disc.room_topic(room), {disc.room_topic(room)})
-    assert disc.is_stale_entry(disc.room_topic(room), set())
+    assert [m.topic for m in disc.removals(room)] == disc.room_topics(room)
+    messages = disc.room_messages(room, name, name)
+    configs = [json.loads(m.payload) for m in messages]
+    assert [c["device"]["name"] for c in configs] == [name] * len(configs)
+    assert configs[0]["device"]["suggested_area"] == name if name else "suggested_area" not in configs[0]["device"]
+    assert configs[0]["state_topic"] == f"{base}/{room}/patients"
+    assert configs[0]["json_attributes_topic"] == f"{base}/{room}/state"
+    for config in configs:
+        published = [config["state_topic"], *(a["topic"] for a in config["availability"])]
+        for topic in published:
+            assert valid_topic(topic) and topic.startswith(base + "/"), topic
+    for topic in disc.room_topics(room):
+        assert not disc.is_stale_entry(topic, set(disc.room_topics(room)))
+        assert disc.is_stale_entry(topic, set())
     assert not disc.is_stale_entry(disc.upstream_topic, set())
 
 
@@ -570,14 +573,17 @@ def test_discovery_ids_are_stable_and_distinct(rooms, client_id, names):
     messages = disc.messages(pairs)
     payloads = [json.loads(m.payload) for m in messages]  # valid JSON, every one
     unique_ids = [p["unique_id"] for p in payloads]
-    assert len(set(unique_ids)) == len(unique_ids) == len(rooms) + 1
+    assert len(set(unique_ids)) == len(unique_ids) == 3 * len(rooms) + 1
     assert len({m.topic for m in messages}) == len(messages)
     assert all(m.retain for m in messages)
     # Stable: another daemon run with the same client id announces the very same entries.
     again = Discovery.for_client("homeassistant", "hospital/waiting-room", client_id).messages(pairs)
     assert again == messages
-    current = {disc.room_topic(r) for r in rooms}
+    current = {t for r in rooms for t in disc.room_topics(r)}
     assert not any(disc.is_stale_entry(m.topic, current) for m in messages)
+    # Each room's device: its own identifier, via this daemon.
+    devices = {json.dumps(p["device"], sort_keys=True) for p in payloads[1:]}
+    assert len(devices) == len(rooms)
 
 
 @props(200)

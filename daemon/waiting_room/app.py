@@ -38,7 +38,7 @@ class App:
         self.rng = rng
         self.store = RoomStore((r.id, r.title) for r in config.rooms)
         self.upstream = Upstream(config.upstream, config.room_ids, self.store, rng=rng)
-        self.mqtt = MqttPublisher(config.mqtt, self.store, rng=rng)
+        self.mqtt = MqttPublisher(config.mqtt, self.store, rng=rng, rooms=config.rooms)
         self.display = self._display(config)
         self.notifier = notifier or Notifier()
         self.systemd = SystemdService(self.store, self.notifier)
@@ -148,6 +148,8 @@ class App:
         settings reconnect make-before-break, MQTT or display settings restart that part."""
         old = self.config
         self.config = new
+        # Before the store changes: an added room is announced with its area.
+        self.mqtt.update_rooms(new.rooms)
         added, removed = self.store.configure((r.id, r.title) for r in new.rooms)
         await self.upstream.set_rooms(new.room_ids)
         if added or removed:
@@ -158,7 +160,7 @@ class App:
         if new.mqtt != old.mqtt:
             log.info("reload: new MQTT settings, reconnecting to the broker")
             await self._stop_task("mqtt")
-            self.mqtt = MqttPublisher(new.mqtt, self.store, rng=self.rng)
+            self.mqtt = MqttPublisher(new.mqtt, self.store, rng=self.rng, rooms=new.rooms)
             self._start("mqtt", self.mqtt.run)
         if new.display != old.display:
             log.info("reload: new display settings, restarting the display service")

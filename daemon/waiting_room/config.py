@@ -183,6 +183,9 @@ class RoomConfig(_Strict):
     # Display overrides: this room's language and the label above its number.
     locale: str | None = None
     label: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    # Home Assistant: the area the room's device is put in when it first appears there
+    # (discovery's suggested_area); a user may move it later.
+    area: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
 
     @property
     def title(self) -> str:

@@ -16,14 +16,14 @@ import socket
 import ssl
 import time
 from datetime import datetime, timezone
-from typing import Any, Final
+from typing import Any, Final, Iterable
 
 import aiomqtt
 import msgspec
 from paho.mqtt.client import MQTT_ERR_SUCCESS
 
 from . import tls
-from .config import MqttConfig
+from .config import MqttConfig, RoomConfig
 from .credentials import SecretError, credential_path, read_secret_file
 from .discovery import Discovery
 from .model import LinkStatus, RoomState
@@ -176,11 +176,20 @@ class MqttPublisher:
         *,
         rng: random.Random | None = None,
         announce_delay: float = 5.0,
+        rooms: Iterable[RoomConfig] = (),
     ) -> None:
         self.cfg = cfg
         self.store = store
         self._rng = rng or random.Random()
         self._announce_delay = announce_delay
+        # Home Assistant's view of each room (its device's name and area), from the config.
+        self._rooms: dict[str, RoomConfig] = {r.id: r for r in rooms}
+        self._changed_rooms: set[str] = set()  # announced again (update_rooms)
+        self._rooms_changed = asyncio.Event()
+        # Plain counters, read by the metrics at scrape time: broker connections made, and
+        # messages handed to the broker (states, status, discovery, clearings).
+        self.connects = 0
+        self.publishes = 0
         self.base = cfg.base_topic
         self.identifier = client_identifier(cfg)
         self.discovery = (
@@ -197,6 +206,25 @@ class MqttPublisher:
     @property
     def status_topic(self) -> str:
         return f"{self.base}/status"
+
+    def update_rooms(self, rooms: Iterable[RoomConfig]) -> None:
+        """A reload: a room whose name or area changed is announced again (rooms added or
+        removed reach the publisher through the store)."""
+        old, self._rooms = self._rooms, {r.id: r for r in rooms}
+        changed = {r for r, c in self._rooms.items() if r in old and (old[r].title, old[r].area) != (c.title, c.area)}
+        if changed:
+            self._changed_rooms |= changed
+            self._rooms_changed.set()
+
+    def _device_of(self, room: str, name: str) -> tuple[str, str, str | None]:
+        """(room, name, area) as Home Assistant is told of a room."""
+        configured = self._rooms.get(room)
+        return (room, configured.title, configured.area) if configured else (room, name, None)
+
+    async def _publish(self, client: aiomqtt.Client, topic: str, payload: str | bytes, *, qos: int = 0,
+                       retain: bool = True) -> None:
+        await publish(client, topic, payload, qos=qos, retain=retain)
+        self.publishes += 1
 
     def _password(self) -> str | None:
         if self.cfg.password_file:
@@ -267,8 +295,9 @@ class MqttPublisher:
             await asyncio.sleep(delay)
 
     async def _connected(self, client: aiomqtt.Client) -> None:
+        self.connects += 1
         try:
-            await publish(client, self.status_topic, "online", qos=1, retain=True)
+            await self._publish(client, self.status_topic, "online", qos=1, retain=True)
             announce = asyncio.Event()
             if self.discovery is not None:
                 await subscribe(client, HA_STATUS_TOPIC)
@@ -291,6 +320,7 @@ class MqttPublisher:
                 if self.discovery is not None:
                     tg.create_task(self._announcer(client, announce))
                     tg.create_task(self._incoming(client, announce))
+                    tg.create_task(self._reannounce_changed(client))
         except ExceptionGroup as group:
             # A lost broker surfaces in whichever task noticed it first: report it plainly.
             lost = group.subgroup(aiomqtt.MqttError)
@@ -311,7 +341,7 @@ class MqttPublisher:
                 if batch.link is not None:
                     payload = upstream_payload(batch.link.status)
                     if payload != upstream:
-                        await publish(client, f"{base}/upstream", payload, qos=1, retain=True)
+                        await self._publish(client, f"{base}/upstream", payload, qos=1, retain=True)
                         upstream = payload
                 states: list[tuple[str, str | bytes]] = []
                 for room, state in batch.rooms.items():
@@ -323,21 +353,24 @@ class MqttPublisher:
                     if room not in known:  # a room added by a reload: announce it
                         known.add(room)
                         if self.discovery is not None:
-                            message = self.discovery.room_message(room, state.name)
-                            await publish(client, message.topic, message.payload, qos=1)
+                            for message in self.discovery.room_messages(*self._device_of(room, state.name)):
+                                await self._publish(client, message.topic, message.payload, qos=1)
                     if state.patients is not None and published.get(room) != state.patients:
                         states.append((f"{base}/{room}/patients", str(state.patients)))
                         published[room] = state.patients
                     states.append((f"{base}/{room}/state", state_payload(state)))
                 await publish_retained_batch(client, states)
+                self.publishes += len(states)
 
     async def _forget(self, client: aiomqtt.Client, room: str) -> None:
-        """A room taken out of the config: clear its retained topics and its discovery entry."""
-        await publish(client, f"{self.base}/{room}/patients", b"", retain=True)
-        await publish(client, f"{self.base}/{room}/state", b"", retain=True)
+        """A room taken out of the config: its discovery entries (every entity of its device)
+        first, so that Home Assistant drops the entities before their topics are cleared, then
+        its retained topics."""
         if self.discovery is not None:
-            message = self.discovery.removal(room)
-            await publish(client, message.topic, message.payload, qos=1, retain=message.retain)
+            for message in self.discovery.removals(room):
+                await self._publish(client, message.topic, message.payload, qos=1, retain=message.retain)
+        await self._publish(client, f"{self.base}/{room}/patients", b"", retain=True)
+        await self._publish(client, f"{self.base}/{room}/state", b"", retain=True)
 
     async def _announcer(self, client: aiomqtt.Client, announce: asyncio.Event) -> None:
         assert self.discovery is not None
@@ -349,9 +382,24 @@ class MqttPublisher:
                 # Many daemons hear Home Assistant come back at once: do not all answer at once.
                 await asyncio.sleep(self._rng.uniform(0, self._announce_delay))
             first = False
-            rooms = [(r.room, r.name) for r in self.store.rooms.values()]
-            for message in self.discovery.messages(rooms):
-                await publish(client, message.topic, message.payload, qos=1, retain=True)
+            rooms = [self._device_of(r.room, r.name) for r in self.store.rooms.values()]
+            areas = {room: area for room, _, area in rooms}
+            for message in self.discovery.messages([(room, name) for room, name, _ in rooms], areas):
+                await self._publish(client, message.topic, message.payload, qos=1, retain=True)
+
+    async def _reannounce_changed(self, client: aiomqtt.Client) -> None:
+        """Rooms renamed or moved to another area by a reload (``update_rooms``)."""
+        assert self.discovery is not None
+        while True:
+            await self._rooms_changed.wait()
+            self._rooms_changed.clear()
+            changed, self._changed_rooms = self._changed_rooms, set()
+            for room in changed:
+                state = self.store.rooms.get(room)
+                if state is None:
+                    continue
+                for message in self.discovery.room_messages(*self._device_of(room, state.name)):
+                    await self._publish(client, message.topic, message.payload, qos=1, retain=True)
 
     async def _incoming(self, client: aiomqtt.Client, announce: asyncio.Event) -> None:
         assert self.discovery is not None
@@ -368,7 +416,7 @@ class MqttPublisher:
                 continue
             if rooms is None or self.store.rooms.keys() != rooms:  # rebuilt per room list only
                 rooms = frozenset(self.store.rooms)
-                current = {self.discovery.room_topic(r) for r in rooms}
+                current = {topic for r in rooms for topic in self.discovery.room_topics(r)}
             if self.discovery.is_stale_entry(topic, current):
                 log.info("removing the discovery entry %s of a room no longer configured", topic)
-                await publish(client, topic, b"", qos=1, retain=True)
+                await self._publish(client, topic, b"", qos=1, retain=True)
