@@ -78,6 +78,47 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+WILDCARDS: Final = frozenset({"", "0.0.0.0", "::"})
+
+
+def host_name(header: str | None) -> str | None:
+    """The name in a ``Host`` header, without the port, lower case, without a final dot;
+    an IPv6 literal without its brackets. None when there is no usable name."""
+    if not header:
+        return None
+    host = header.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 1 else None
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".") or None
+
+
+class HostCheck:
+    """Which ``Host`` the display answers (DNS rebinding): the listen address, ``localhost``
+    and loopback addresses, the names in ``display.allowed_hosts``; and, when listening on a
+    wildcard address, any IP address (the machine's own are not known from the config, and a
+    rebinding attack needs a DNS name: the victim's browser sends the attacker's name)."""
+
+    def __init__(self, listen_host: str, allowed: Iterable[str]) -> None:
+        listen = listen_host.strip("[]").lower()
+        self.any_ip = listen in WILDCARDS
+        self.names = frozenset({"localhost", *(h for h in (host_name(n) for n in (listen, *allowed)) if h)})
+
+    def __call__(self, header: str | None) -> bool:
+        host = host_name(header)
+        if host is None:
+            return False
+        if host in self.names:
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return self.any_ip or ip.is_loopback
+
+
 def _canned_refusal(reason: str) -> bytes:
     """Sent before the request is read: the same for every request (pages, /ws, /healthz)."""
     body = b"too many connections, retry later\n"
@@ -274,6 +315,9 @@ class DisplayService:
         self._refusals = RateLimitedLog(log)
         self.limits: ConnectionLimits | None = None
         self._tls: _TlsHandshakes | None = None  # HTTPS (display.cert_file)
+        self._host_ok = HostCheck(cfg.host, cfg.allowed_hosts)
+        self._hosts_refused = RateLimitedLog(log)
+        self.refused_hosts = 0
 
     def update_rooms(self, rooms: Iterable[RoomConfig]) -> None:
         """A reload changed the rooms: pages and ``/ws`` follow at once, and open pages learn
@@ -417,6 +461,19 @@ class DisplayService:
     def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         """Every request lands here; only an authorised ``/ws`` returns None (upgrade)."""
         assert self._assets is not None
+        hosts = request.headers.get_all("Host")
+        host = hosts[0] if len(hosts) == 1 else None  # none, or several: no answer either
+        if not self._host_ok(host):
+            # A page elsewhere that rebinds its own name to this address gets nothing: not the
+            # pages, not the feed, not /healthz.
+            self.refused_hosts += 1
+            self._hosts_refused.log(logging.INFO, "display: refused a request for Host %r from %s "
+                                    "(not the listen address, localhost or in display.allowed_hosts)",
+                                    (host or "")[:100], getattr(connection, "address", "?"))
+            return self._respond(
+                421, b"unknown host name: add it to display.allowed_hosts\n", "text/plain; charset=utf-8",
+                [("Cache-Control", "no-store")],
+            )
         parts = urlsplit(request.path)
         path = parts.path
         try:
@@ -515,6 +572,7 @@ class DisplayService:
             extra.update(self.limits.stats())
         if self._tls is not None:
             extra["tls"] = {"handshakes": len(self._tls.tasks), "failed_handshakes": self._tls.failures}
+        extra["refused_hosts"] = self.refused_hosts
         if self.signs is not None:
             extra["signs"] = self.signs.stats()
         status, body = render.health(
