@@ -195,6 +195,31 @@ async def test_room_names_and_upstream_strings_are_never_emitted_unescaped():
             assert names["opd-1"]["now_serving"] == '<script>alert("ticket")</script>'
 
 
+async def test_a_change_just_after_the_first_screen_of_a_view_connects_reaches_it():
+    # Found by bench/chaos: the first screen of a view got the whole state, then a change
+    # arrived before the view's fan-out task had subscribed; the task threw its replay away
+    # as "already sent", and the screen showed the old number as live until the next change.
+    store = store_for(ROOMS)
+    store.set_link(LinkStatus.CONNECTED)
+    store.apply_queue("lab", 1, now_serving="L-1")
+    async with serving(display(heartbeat=5), ROOMS, store) as svc:
+        make_view = svc._view
+        loop = asyncio.get_running_loop()
+
+        def view_then_change(room):
+            # Queued before the fan-out task's first step: it runs once the connection
+            # handler has sent the whole state and yields.
+            loop.call_soon(store.apply_queue, "lab", 42, "L-42")
+            return make_view(room)
+
+        svc._view = view_then_change
+        async with connect(f"ws://127.0.0.1:{svc.port}/ws", open_timeout=5) as ws:
+            first = await recv_until(ws, lambda f: f["type"] == "state")
+            assert {r["room"]: r["patients"] for r in first["rooms"]}["lab"] == 1
+            later = await recv_until(ws, lambda f: f["type"] == "state" and any(r["room"] == "lab" for r in f["rooms"]))
+            assert {r["room"]: r["patients"] for r in later["rooms"]}["lab"] == 42
+
+
 async def test_feed_sends_whole_state_then_changes_and_heartbeats():
     store = store_for(ROOMS)
     store.set_link(LinkStatus.CONNECTED)

@@ -377,3 +377,13 @@ def test_count_dropped(store):
     assert store.count_dropped() == 1
     assert store.count_dropped() == 2
     assert store.dropped_frames == 2
+
+
+async def test_a_subscription_without_replay_gets_only_later_changes():
+    store = RoomStore([("opd-1", "OPD 1"), ("lab", "Lab")])
+    with store.subscribe(replay=False) as changes:
+        assert not changes.pending()  # the caller took the current state itself
+        store.apply_queue("lab", 3, None, None, 1)
+        async with asyncio.timeout(1):
+            batch = await anext(aiter(changes))
+        assert list(batch.rooms) == ["lab"] and batch.link is None

@@ -35,16 +35,18 @@ class Subscription:
 
     __slots__ = ("_store", "_dirty", "_link_dirty", "_wake", "_closed", "_limit")
 
-    def __init__(self, store: RoomStore, limit: int | None = None) -> None:
+    def __init__(self, store: RoomStore, limit: int | None = None, replay: bool = True) -> None:
         self._store = store
         # At most this many rooms per batch: a consumer that works per room (MQTT) lets the
         # reader run between chunks, so a burst keeps coalescing instead of being drained.
         self._limit = limit
         # Replay: everything is dirty at first, so the first batch is the current state.
-        self._dirty: dict[str, None] = dict.fromkeys(store.rooms)
-        self._link_dirty = True
+        # Without it, only what changes from now on (the caller took the state itself).
+        self._dirty: dict[str, None] = dict.fromkeys(store.rooms) if replay else {}
+        self._link_dirty = replay
         self._wake = asyncio.Event()
-        self._wake.set()
+        if replay:
+            self._wake.set()
         self._closed = False
 
     def _mark_room(self, room: str) -> None:
@@ -118,8 +120,8 @@ class RoomStore:
     def components(self) -> Mapping[str, str]:
         return MappingProxyType(self._components)
 
-    def subscribe(self, limit: int | None = None) -> Subscription:
-        sub = Subscription(self, limit)
+    def subscribe(self, limit: int | None = None, *, replay: bool = True) -> Subscription:
+        sub = Subscription(self, limit, replay)
         self._subs.add(sub)
         return sub
 

@@ -684,10 +684,12 @@ class Upstream:
             while True:
                 fallback = self.cfg.fallback
                 if fallback is None or self._joined or self._client_outdated:
-                    self._client_outdated = False
-                    if client is not None:
+                    # The client (its TLS context, a few MB with the system's CA store) lives
+                    # across degraded spells: one per spell grew the RSS (found by bench/chaos).
+                    if client is not None and (fallback is None or self._client_outdated):
                         await client.aclose()
                         client = None
+                    self._client_outdated = False
                     if fallback is None and (self._poll_every is not None or self._poll_problem is not None):
                         self._poll_state(None, None)  # the fallback was configured away
                     if fallback is None or self._joined:

@@ -36,7 +36,7 @@ from websockets.http11 import Request, Response
 from .. import tls
 from ..credentials import SecretError, read_secret_file
 from ..config import DisplayConfig, RoomConfig
-from ..store import Batch, RoomStore
+from ..store import Batch, RoomStore, Subscription
 from . import limits, render
 from .limits import Budget, ConnectionLimits
 from .render import Assets, PageOptions
@@ -269,12 +269,15 @@ class _Connection(ServerConnection):
 class _View:
     """The screens that show the same thing: every room, or one room."""
 
-    __slots__ = ("room", "clients", "task")
+    __slots__ = ("room", "clients", "task", "changes")
 
-    def __init__(self, room: str | None) -> None:
+    def __init__(self, room: str | None, changes: Subscription) -> None:
         self.room = room
         self.clients: set[ServerConnection] = set()
         self.task: asyncio.Task[None] | None = None
+        # Taken when the view is made, in the same step as its first screen's full state:
+        # a change in between (before the fan-out task first runs) is not lost.
+        self.changes = changes
 
 
 class DisplayService:
@@ -593,7 +596,7 @@ class DisplayService:
         if view is None:
             if self._tg is None:  # stopping
                 return None
-            view = self._views[room] = _View(room)
+            view = self._views[room] = _View(room, self.store.subscribe(replay=False))
             view.task = self._tg.create_task(self._fan_out(view), name=f"display-view-{room or '*'}")
         return view
 
@@ -629,9 +632,8 @@ class DisplayService:
         screen of the view without awaiting any of them."""
         heartbeat = float(self.cfg.heartbeat)
         try:
-            with self.store.subscribe() as changes:
-                it = aiter(changes)
-                await anext(it)  # the replay: each screen got the full state as it connected
+            with view.changes as changes:
+                it = aiter(changes)  # no replay: each screen got the whole state as it connected
                 while True:
                     try:
                         async with asyncio.timeout(heartbeat):
@@ -645,6 +647,7 @@ class DisplayService:
                     if frame is not None:
                         self._broadcast(view, frame)
         finally:
+            view.changes.close()
             if self._views.get(view.room) is view:
                 del self._views[view.room]
 
