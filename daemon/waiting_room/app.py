@@ -9,6 +9,7 @@ import logging
 import random
 from typing import Callable, Coroutine, Final, Literal
 
+from . import secretfiles, tls
 from .config import Config, ConfigError, load_config
 from .display.server import DisplayService
 from .logutil import LoopExceptionLog
@@ -87,7 +88,20 @@ class App:
         finally:
             loop.set_exception_handler(previous)
 
+    def _warn_exposed(self, config: Config) -> None:
+        """Secret files other users can read: one warning each, naming the file and the fix."""
+        for line in secretfiles.warnings(secretfiles.secret_files(config, self.config_path)):
+            log.warning("%s", line)
+
+    def _load(self, path: str) -> Config:
+        """A reload's config, its TLS files checked (blocking: in a thread)."""
+        config = load_config(path)
+        tls.check(config, path)
+        self._warn_exposed(config)
+        return config
+
     async def _run(self) -> None:
+        await asyncio.to_thread(self._warn_exposed, self.config)
         if self.state_file is not None:
             restored = self.state_file.restore()
             if restored:
@@ -132,7 +146,7 @@ class App:
             self.notifier.ready(self.systemd.current_status())
             return
         try:
-            new = await asyncio.to_thread(load_config, self.config_path)
+            new = await asyncio.to_thread(self._load, self.config_path)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
             reason = str(exc).removeprefix(f"{self.config_path}: ")

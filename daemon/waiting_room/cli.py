@@ -74,8 +74,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from . import secretfiles
+
     config = _load(args.config)
     print(f"{args.config}: ok ({len(config.rooms)} rooms)")
+    for line in secretfiles.warnings(secretfiles.secret_files(config, args.config)):
+        print(f"warning: {line}")
     return 0
 
 
