@@ -11,13 +11,17 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import hmac
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -411,3 +415,160 @@ class Tinyproxy:
                 request = rest.partition("): ")[2]
                 out.append(request.rsplit(" HTTP/", 1)[0])
         return out
+
+
+# -- a real Home Assistant ---------------------------------------------------------------------
+
+
+HA_VERSION = "2024.3.3"
+
+
+def home_assistant_venv() -> Path | None:
+    """The venv scripts/install-ha-test-deps made (the same places, in the same order), when
+    its install finished; else None."""
+    candidates = [os.environ.get("WAITING_ROOM_HA_VENV"), "/var/cache/waiting-room-tests/ha-2024.3",
+                  str(ROOT / ".cache" / "ha-2024.3")]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / f".installed-{HA_VERSION}").exists():
+            return Path(candidate)
+    return None
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hs256_jwt(claims: dict[str, Any], key: str) -> str:
+    """A JSON Web Token signed with HMAC-SHA256, as Home Assistant's access tokens are."""
+    head = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    body = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signature = hmac.new(key.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64url(signature)}"
+
+
+class HomeAssistant:
+    """Home Assistant itself (``hass`` from scripts/install-ha-test-deps' venv) with a minimal
+    configuration of its own on a free loopback port: onboarding done, an owner whose
+    long-lived access token (``token``) the test made itself in ``.storage/auth``, the REST
+    and websocket APIs and the frontend, no YAML for MQTT (``add_mqtt`` goes through the
+    integration's config flow, as a user does), no recorder, nothing that phones home.
+    It starts with ``--skip-pip``: it installs nothing at run time."""
+
+    def __init__(self, workdir: Path, venv: Path) -> None:
+        self.dir = workdir / "home-assistant"
+        self.venv = venv
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.dir / "home-assistant.log"
+        self.token = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _write_config(self) -> None:
+        storage = self.dir / ".storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        (self.dir / "configuration.yaml").write_text(yaml.safe_dump({
+            "homeassistant": {"name": "Hospital", "latitude": 23.81, "longitude": 90.41, "elevation": 10,
+                              "unit_system": "metric", "time_zone": "UTC", "country": "BD", "currency": "BDT"},
+            "http": {"server_host": "127.0.0.1", "server_port": self.port},
+            "api": None, "config": None, "frontend": None,
+            "logger": {"default": "warning"},
+        }))
+
+        def store(key: str, data: object, version: int = 1) -> None:
+            doc = {"version": version, "minor_version": 1, "key": key, "data": data}
+            (storage / key).write_text(json.dumps(doc))
+
+        store("onboarding", {"done": ["user", "core_config", "analytics", "integration"]}, version=4)
+        user, token_id, jwt_key = uuid.uuid4().hex, uuid.uuid4().hex, secrets.token_hex(64)
+        now = time.time()
+        store("auth", {
+            "users": [{"id": user, "group_ids": ["system-admin"], "is_owner": True, "is_active": True,
+                       "name": "waiting-room tests", "system_generated": False, "local_only": False}],
+            "groups": [{"id": "system-admin", "name": "Administrators"}, {"id": "system-users", "name": "Users"},
+                       {"id": "system-read-only", "name": "Read Only"}],
+            "credentials": [],
+            "refresh_tokens": [{
+                "id": token_id, "user_id": user, "client_id": None, "client_name": "waiting-room tests",
+                "client_icon": None, "token_type": "long_lived_access_token",
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now)),
+                "access_token_expiration": 86400.0, "token": secrets.token_hex(64), "jwt_key": jwt_key,
+                "last_used_at": None, "last_used_ip": None, "expire_at": None, "credential_id": None,
+                "version": HA_VERSION,
+            }],
+        })
+        self.token = hs256_jwt({"iss": token_id, "iat": int(now) - 5, "exp": int(now) + 86400}, jwt_key)
+
+    def start(self) -> None:
+        hass = self.venv / "bin" / "hass"
+        if not hass.exists():
+            raise RuntimeError(f"{hass} is missing: run scripts/install-ha-test-deps")
+        if self.proc is None:
+            self._write_config()
+        with open(self.dir / "home-assistant.stderr", "ab") as err:
+            self.proc = subprocess.Popen(
+                [str(hass), "-c", str(self.dir), "--skip-pip", "--log-file", str(self.log_path), "--log-no-color"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        wait_listening(self.port, self.proc, "Home Assistant", self.dir / "home-assistant.stderr", limit=120)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    async def rest(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
+        """One REST API call with the token: (status, the JSON answer or None)."""
+        import httpx
+
+        async with httpx.AsyncClient(base_url=self.url, timeout=30, trust_env=False) as client:
+            response = await client.request(method, path, json=body,
+                                            headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            return response.status_code, response.json()
+        except ValueError:
+            return response.status_code, None
+
+    async def ws(self, *commands: dict[str, Any]) -> list[Any]:
+        """Websocket API commands (``{"type": "config/device_registry/list"}``, ...): their results."""
+        from websockets.asyncio.client import connect
+
+        async with connect(f"ws://127.0.0.1:{self.port}/api/websocket", max_size=None, proxy=None) as ws:
+            await ws.recv()  # auth_required
+            await ws.send(json.dumps({"type": "auth", "access_token": self.token}))
+            answer = json.loads(await ws.recv())
+            if answer.get("type") != "auth_ok":
+                raise RuntimeError(f"Home Assistant refused the token: {answer}")
+            results = []
+            for number, command in enumerate(commands, 1):
+                await ws.send(json.dumps({**command, "id": number}))
+                while True:
+                    message = json.loads(await ws.recv())
+                    if message.get("id") == number and message.get("type") == "result":
+                        break
+                if not message.get("success"):
+                    raise RuntimeError(f"{command['type']}: {message.get('error')}")
+                results.append(message["result"])
+            return results
+
+    async def add_mqtt(self, broker_port: int) -> None:
+        """The MQTT integration, set up as a user does it in the UI: its config flow, pointed
+        at the test's broker (discovery on, with its default prefix and birth message)."""
+        status, flow = await self.rest("POST", "/api/config/config_entries/flow", {"handler": "mqtt"})
+        if status != 200 or flow.get("type") != "form":
+            raise RuntimeError(f"mqtt config flow: HTTP {status}: {flow}")
+        status, done = await self.rest("POST", f"/api/config/config_entries/flow/{flow['flow_id']}",
+                                       {"broker": "127.0.0.1", "port": broker_port})
+        if status != 200 or done.get("type") != "create_entry":
+            raise RuntimeError(f"mqtt config flow: HTTP {status}: {done}")
