@@ -82,6 +82,12 @@ def test_tls_builds_contexts_from_the_config_alone():
         assert "tls" not in imports_of(PACKAGE / f"{name}.py")[0], name
 
 
+def test_secretfiles_reads_only_the_config_and_file_modes():
+    ours, theirs = imports_of(PACKAGE / "secretfiles.py")
+    assert ours <= {"config"}
+    assert not theirs & IO_MODULES, theirs & IO_MODULES
+
+
 def test_only_the_composition_root_wires_things():
     for path in PACKAGE.rglob("*.py"):
         if module_name(path) in ("app", "cli", "__main__"):
