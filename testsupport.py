@@ -73,6 +73,17 @@ async def http_get(port: int, target: str, headers: dict[str, str] | None = None
     return int(status_line.split()[1]), parsed, body
 
 
+def terminate(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    """SIGTERM, and SIGKILL if it has not gone after ``grace`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # -- /proc --------------------------------------------------------------------------------
 
 
@@ -240,13 +251,7 @@ class Broker:
         wait_listening(self.port, self.proc, "mosquitto", self.log_path)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
 
     def restart(self) -> None:
@@ -326,13 +331,8 @@ class Daemon:
             return None
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+            terminate(self.proc)
         return self.proc.returncode
 
     def log_text(self) -> str:
@@ -394,13 +394,7 @@ class Tinyproxy:
         wait_listening(self.port, self.proc, "tinyproxy", stderr)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def requests(self) -> list[str]:
         """"METHOD target" of every request it logged, in order."""
@@ -514,13 +508,7 @@ class HomeAssistant:
         wait_listening(self.port, self.proc, "Home Assistant", self.dir / "home-assistant.stderr", limit=120)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, grace=30)
 
     def log_text(self) -> str:
         try:
