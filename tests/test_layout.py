@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "waiting_room"
 
 PURE = {"protocol", "policy", "config", "model", "discovery", "snapshot"}
-CONSUMERS = {"mqtt", "display", "systemd", "statefile"}
+CONSUMERS = {"mqtt", "display", "systemd", "statefile", "metrics"}
 IO_MODULES = {"asyncio", "socket", "websockets", "aiomqtt", "subprocess"}
 
 
@@ -86,6 +86,17 @@ def test_secretfiles_reads_only_the_config_and_file_modes():
     ours, theirs = imports_of(PACKAGE / "secretfiles.py")
     assert ours <= {"config"}
     assert not theirs & IO_MODULES, theirs & IO_MODULES
+
+
+def test_metrics_read_the_store_and_are_wired_by_the_composition_root_alone():
+    """metrics.py is a consumer of the store (plus the counters app.py hands it); the display
+    serves /metrics through a callable, without importing it, and so does everything else."""
+    assert imports_of(PACKAGE / "metrics.py")[0] <= {"store", "model", "__version__"}
+    for path in PACKAGE.rglob("*.py"):
+        if module_name(path) in ("app", "metrics"):
+            continue
+        assert "metrics" not in imports_of(path)[0], path
+    assert "metrics" in imports_of(PACKAGE / "app.py")[0]
 
 
 def test_only_the_composition_root_wires_things():

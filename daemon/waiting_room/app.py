@@ -11,8 +11,10 @@ from typing import Callable, Coroutine, Final, Literal
 
 from . import secretfiles, tls
 from .config import Config, ConfigError, load_config
+from .display import limits
 from .display.server import DisplayService
 from .logutil import LoopExceptionLog
+from .metrics import Counters, Metrics
 from .mqtt import MqttPublisher
 from .statefile import StateFile, state_directory
 from .store import RoomStore
@@ -40,6 +42,8 @@ class App:
         self.store = RoomStore((r.id, r.title) for r in config.rooms)
         self.upstream = Upstream(config.upstream, config.room_ids, self.store, rng=rng)
         self.mqtt = MqttPublisher(config.mqtt, self.store, rng=rng, rooms=config.rooms)
+        # /metrics: read at scrape time from the store and the parts' own counters.
+        self.metrics = Metrics(self.store, self._counters)
         self.display = self._display(config)
         self.notifier = notifier or Notifier()
         self.systemd = SystemdService(self.store, self.notifier)
@@ -52,7 +56,25 @@ class App:
     def _display(self, config: Config) -> DisplayService | None:
         if not config.display.enabled and not config.display.command:
             return None
-        return DisplayService(config.display, config.rooms, self.store)
+        return DisplayService(config.display, config.rooms, self.store, metrics=self.metrics.render_async)
+
+    def _counters(self) -> Counters:
+        """The parts' plain counters, as they are now (a reload may have replaced a part);
+        copies, as the text is formatted in a thread."""
+        display, signs = self.display, self.display.signs if self.display is not None else None
+        connections = display.limits if display is not None else None
+        return Counters(
+            attempts=dict(self.upstream.attempts),
+            close_codes=dict(self.upstream.close_codes),
+            mqtt_connects=self.mqtt.connects,
+            mqtt_publishes=self.mqtt.publishes,
+            display_clients=display.clients if display is not None else 0,
+            display_connections=connections.open if connections is not None else 0,
+            display_refusals=dict.fromkeys(limits.REASON_TEXT, 0) | dict(connections.refused if connections else {}),
+            sign_runs=signs.runs if signs is not None else 0,
+            sign_failures=signs.failures if signs is not None else 0,
+            sign_timeouts=signs.timeouts if signs is not None else 0,
+        )
 
     # -- control (signal handlers and tests) ------------------------------------------------
 

@@ -14,6 +14,7 @@ import random
 import ssl
 import time
 import urllib.parse
+from collections import Counter
 from datetime import datetime, timezone
 from typing import Final, Iterable
 
@@ -342,6 +343,12 @@ class Upstream:
         self._etag: str | None = None
         self._client_outdated = False
         self._snapshots = SnapshotDecoder()
+        # Plain counters, read by the metrics at scrape time: connection attempts by outcome
+        # (connected: the handshake succeeded; refused: an HTTP status; tls: a lasting TLS
+        # problem; failed: anything else the network did; no_token), and the close code of
+        # each connection that ended.
+        self.attempts: Counter[str] = Counter()
+        self.close_codes: Counter[int] = Counter()
         self._apply(cfg)
 
     def _apply(self, cfg: UpstreamConfig) -> None:
@@ -466,12 +473,14 @@ class Upstream:
         try:
             token = await self._read_token()
         except SecretError as exc:
+            self.attempts["no_token"] += 1
             delay = self.schedule.next(Action.BACKOFF).delay
             self._failed(LinkStatus.DISCONNECTED, f"token unavailable: {exc}", delay)
             return None, delay
         try:
             ws = await self._open(token)
         except InvalidStatus as exc:
+            self.attempts["refused"] += 1
             status = exc.response.status_code
             action = action_for_status(status)
             retry_after = parse_retry_after(exc.response.headers.get("Retry-After"), time.time())
@@ -486,6 +495,7 @@ class Upstream:
             raise
         except Exception as exc:  # OSError, timeouts, bad handshakes: the network's problems
             failure = tls.describe_failure(exc, "upstream")
+            self.attempts["tls" if failure is not None and failure.lasting else "failed"] += 1
             if failure is not None and failure.lasting:
                 # An untrusted certificate, a refused client certificate, an unusable TLS
                 # file: no quick retry fixes these. Retried at the backoff's maximum, loudly.
@@ -496,6 +506,7 @@ class Upstream:
             detail = failure.detail if failure is not None else f"connect failed: {self._describe(exc, token)}"
             self._failed(LinkStatus.DISCONNECTED, detail, delay)
             return None, delay
+        self.attempts["connected"] += 1
         session = _Session(self, ws, token, loop)
         self._session = session
         session.task = tg.create_task(session.run())
@@ -533,10 +544,12 @@ class Upstream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self.attempts["refused" if isinstance(exc, InvalidStatus) else "failed"] += 1
             self._rotation_retry_at = time.monotonic() + float(self.cfg.backoff.max)
             log.warning("token rotation: new connection failed (%s); keeping the current one",
                         self._describe(exc, token))
             return None
+        self.attempts["connected"] += 1
         new = _Session(self, ws, token, asyncio.get_running_loop())
         new.task = tg.create_task(new.run())
         try:
@@ -602,6 +615,7 @@ class Upstream:
 
     async def _after_close(self, session: _Session) -> float:
         code = session.close_code
+        self.close_codes[code] += 1
         if self._session is session:
             self._session = None
         loop = asyncio.get_running_loop()

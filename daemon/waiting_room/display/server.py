@@ -1,7 +1,7 @@
-"""The kiosk pages, their push channel and /healthz, served by the daemon itself.
+"""The kiosk pages, their push channel, /healthz and /metrics, served by the daemon itself.
 
 One ``websockets`` server does both jobs: ``process_request`` answers the plain GETs (pages,
-a fixed whitelist of static files, /healthz) and lets only ``/ws`` upgrade. Each browser gets
+a fixed whitelist of static files, /healthz, /metrics) and lets only ``/ws`` upgrade. Each browser gets
 its own store subscription: it receives the whole current state first, then coalesced
 changes, so a slow screen lags on its own (and gets the latest numbers when it catches up)
 while every other screen and the one upstream connection carry on.
@@ -24,7 +24,7 @@ import logging
 import ssl
 import time
 from functools import partial
-from typing import Any, Callable, Final, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Final, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.connection import Connection
@@ -51,6 +51,7 @@ PING_INTERVAL: Final = 20.0  # RFC 6455 pings: reap browsers that vanished witho
 PING_TIMEOUT: Final = 10.0  # ... unanswered this long: a dead kiosk's socket is freed within 30 s
 OPEN_TIMEOUT: Final = 10.0  # a request must arrive whole within this (slowloris)
 CLOSE_TIMEOUT: Final = 2.0
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 
 
 class AccessTokenError(Exception):
@@ -185,7 +186,7 @@ class _Connection(ServerConnection):
         self.address = "?"
         self.counted = False
         self.client = False  # holds a screen's slot (taken in process_request)
-        self.health_only = False  # taken beyond the budget: /healthz and nothing else
+        self.health_only = False  # taken beyond the budget: /healthz, /metrics and nothing else
         # While TLS is being set up: what arrives in the same read as the handshake's end.
         self._early: list[bytes] | None = None
         self._early_eof = False
@@ -297,8 +298,11 @@ class DisplayService:
         page_options: PageOptions | None = None,
         clock: Callable[[], float] = time.time,
         max_buffer: int = MAX_BUFFER,
+        metrics: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self.cfg = cfg
+        # /metrics: the Prometheus text the composition root renders (metrics.py); None: 404.
+        self.metrics = metrics
         self.rooms: Mapping[str, RoomConfig] = {r.id: r for r in rooms}
         self.store = store
         self.required = tuple(required_components)
@@ -461,8 +465,9 @@ class DisplayService:
         presented = query.get("token", [""])[0].encode()
         return hmac.compare_digest(presented, self._token)
 
-    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Every request lands here; only an authorised ``/ws`` returns None (upgrade)."""
+    def _route(self, connection: ServerConnection, request: Request) -> Response | Awaitable[Response] | None:
+        """Every request lands here; only an authorised ``/ws`` returns None (upgrade), and
+        only ``/metrics`` a coroutine."""
         assert self._assets is not None
         hosts = request.headers.get_all("Host")
         host = hosts[0] if len(hosts) == 1 else None  # none, or several: no answer either
@@ -487,7 +492,7 @@ class DisplayService:
             return self._respond(
                 405, b"method not allowed\n", "text/plain; charset=utf-8", [("Allow", "GET")]
             )
-        if getattr(connection, "health_only", False) and path != "/healthz":
+        if getattr(connection, "health_only", False) and path not in ("/healthz", "/metrics"):
             reason = self.limits.refuse_beyond_health()
             self._refused(reason, connection.address)  # type: ignore[attr-defined]
             return self._respond(
@@ -504,6 +509,10 @@ class DisplayService:
             )
         if path == "/healthz":
             return self._health()
+        if path == "/metrics" and self.metrics is not None:
+            # Monitoring, as /healthz: no token, and answered beyond the budget too. A
+            # coroutine: websockets awaits it (the text is formatted off the event loop).
+            return self._metrics_response(self.metrics)
         if path == "/favicon.ico":
             return self._respond(204, b"", "image/x-icon")
         room: str | None = None
@@ -564,6 +573,9 @@ class DisplayService:
 
     def _refused(self, reason: str, address: str) -> None:
         self._refusals.warning("display: refused a client from %s: %s", address, limits.REASON_TEXT[reason])
+
+    async def _metrics_response(self, metrics: Callable[[], Awaitable[bytes]]) -> Response:
+        return self._respond(200, await metrics(), METRICS_CONTENT_TYPE, [("Cache-Control", "no-store")])
 
     def _health(self) -> Response:
         extra: dict[str, object] = {
