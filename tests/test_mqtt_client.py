@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import socket
 
 import aiomqtt
+
+from conftest import make_config, running, wait_store
 
 from waiting_room.mqtt import _Client
 
@@ -37,3 +41,17 @@ async def test_the_library_alone_logs_the_race():
     # The reason for _Client: without it the loop reports an exception (a traceback in the log).
     errors = await register_closed_socket(aiomqtt.Client("127.0.0.1", 1))
     assert errors and "exception" in errors[0]
+
+
+async def test_a_broker_restart_leaves_no_unretrieved_error_behind(sim, broker, watcher, caplog):
+    # Found by bench/chaos and the secret-leak test: one "Future exception was never
+    # retrieved" (aiomqtt's Unexpected disconnection) in the log per broker restart.
+    caplog.set_level(logging.ERROR, "asyncio")
+    async with running(make_config(sim.url, broker.port)) as app:
+        await watcher.wait_topic("waiting-room/status", "online")
+        for _ in range(3):
+            broker.restart()
+            await wait_store(app, lambda: app.store.components.get("mqtt") != "connected")
+            await wait_store(app, lambda: app.store.components.get("mqtt") == "connected")
+    gc.collect()  # an unretrieved exception is reported when its future is collected
+    assert "never retrieved" not in caplog.text, caplog.text

@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 from datetime import datetime, timezone
-from typing import Any, Final, Iterable
+from typing import Any, Awaitable, Final, Iterable
 
 import aiomqtt
 import msgspec
@@ -73,20 +73,43 @@ def state_payload(state: RoomState) -> bytes:
     )
 
 
-async def publish(
-    client: aiomqtt.Client, topic: str, payload: str | bytes, *, qos: int = 0, retain: bool = True
-) -> None:
-    """``client.publish`` under ``asyncio.timeout``.
+async def _bounded(client: aiomqtt.Client, awaitable: Awaitable[None], what: str) -> None:
+    """Awaits one operation under ``asyncio.timeout``, cut short when the broker is lost.
 
     aiomqtt's own timeout is ``asyncio.wait_for``, which on Python 3.11 can swallow a
     cancellation that races with the broker's ack; a swallowed cancel leaves a TaskGroup
-    waiting forever at shutdown. ``asyncio.timeout`` does not have that flaw.
+    waiting forever at shutdown. ``asyncio.timeout`` does not have that flaw. And aiomqtt
+    leaves a pending SUBACK or PUBACK waiting when the connection drops: the whole timeout
+    (10 s of silence on every surface) unless the loss ends the wait at once.
     """
+    lost = client._disconnected
+    if lost.done():
+        raise aiomqtt.MqttError(f"{what}: the broker connection is lost")
+    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(NETWORK_TIMEOUT):
-            await client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf)
+        async with asyncio.timeout(NETWORK_TIMEOUT) as deadline:
+            waiting = True
+
+            def cut(_: object) -> None:
+                if waiting:
+                    deadline.reschedule(loop.time())  # expire now
+
+            lost.add_done_callback(cut)
+            try:
+                await awaitable
+            finally:
+                waiting = False
+                lost.remove_done_callback(cut)
     except TimeoutError:
-        raise aiomqtt.MqttError(f"publish to {topic} timed out") from None
+        reason = "the broker connection was lost" if lost.done() else "timed out"
+        raise aiomqtt.MqttError(f"{what}: {reason}") from None
+
+
+async def publish(
+    client: aiomqtt.Client, topic: str, payload: str | bytes, *, qos: int = 0, retain: bool = True
+) -> None:
+    await _bounded(client, client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf),
+                   f"publish to {topic}")
 
 
 async def publish_retained_batch(client: aiomqtt.Client, messages: list[tuple[str, str | bytes]]) -> None:
@@ -110,11 +133,7 @@ async def publish_retained_batch(client: aiomqtt.Client, messages: list[tuple[st
 
 
 async def subscribe(client: aiomqtt.Client, topic: str) -> None:
-    try:
-        async with asyncio.timeout(NETWORK_TIMEOUT):
-            await client.subscribe(topic, timeout=math.inf)
-    except TimeoutError:
-        raise aiomqtt.MqttError(f"subscribe to {topic} timed out") from None
+    await _bounded(client, client.subscribe(topic, timeout=math.inf), f"subscribe to {topic}")
 
 
 def upstream_payload(status: LinkStatus) -> str:
@@ -123,10 +142,25 @@ def upstream_payload(status: LinkStatus) -> str:
 
 
 class _Client(aiomqtt.Client):
-    """aiomqtt 2.x hands paho's "socket wants to write" to the loop later, by descriptor
-    number. When the broker vanishes in between, the socket is closed by then: asyncio logs
-    an EBADF traceback, or the writer lands on whatever reused the number. Registered here
-    only if paho still holds that very socket, open."""
+    """Two mends of aiomqtt 2.x, both found by bench/chaos.
+
+    It hands paho's "socket wants to write" to the loop later, by descriptor number: when the
+    broker vanishes in between, the socket is closed by then, and asyncio logs an EBADF
+    traceback (or the writer lands on whatever reused the number). Registered here only if
+    paho still holds that very socket, open.
+
+    A lost broker sets ``MqttCodeError('Unexpected disconnection')`` on a future that nobody
+    awaits once the message iteration has reported the loss: "Future exception was never
+    retrieved" in the log at every broker restart. Looked at here when the client is done.
+    """
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await super().__aexit__(*exc_info)
+        finally:
+            disconnected = self._disconnected
+            if disconnected.done() and not disconnected.cancelled():
+                disconnected.exception()  # reported already, as the MqttError that ended us
 
     def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
         def write() -> None:
