@@ -187,10 +187,13 @@ class Discovery:
             for kind, component in ROOM_ENTITIES
         ]
 
+    def upstream_message(self) -> Message:
+        return Message(self.upstream_topic, json.dumps(self.upstream_config(), ensure_ascii=False))
+
     def messages(self, rooms: Iterable[tuple[str, str]], areas: Mapping[str, str | None] | None = None) -> list[Message]:
         """The bridge's entry first (the device the rooms are ``via``), then every room's."""
         areas = areas or {}
-        out = [Message(self.upstream_topic, json.dumps(self.upstream_config(), ensure_ascii=False))]
+        out = [self.upstream_message()]
         for room, name in rooms:
             out.extend(self.room_messages(room, name, areas.get(room)))
         return out

@@ -416,10 +416,13 @@ class MqttPublisher:
                 # Many daemons hear Home Assistant come back at once: do not all answer at once.
                 await asyncio.sleep(self._rng.uniform(0, self._announce_delay))
             first = False
-            rooms = [self._device_of(r.room, r.name) for r in self.store.rooms.values()]
-            areas = {room: area for room, _, area in rooms}
-            for message in self.discovery.messages([(room, name) for room, name, _ in rooms], areas):
-                await self._publish(client, message.topic, message.payload, qos=1, retain=True)
+            # The bridge first (the device the rooms are "via"), then room by room: 10,000
+            # rooms are 30,000 entries, never all built at once.
+            message = self.discovery.upstream_message()
+            await self._publish(client, message.topic, message.payload, qos=1, retain=True)
+            for room, name in [(r.room, r.name) for r in self.store.rooms.values()]:
+                for message in self.discovery.room_messages(*self._device_of(room, name)):
+                    await self._publish(client, message.topic, message.payload, qos=1, retain=True)
 
     async def _reannounce_changed(self, client: aiomqtt.Client) -> None:
         """Rooms renamed or moved to another area by a reload (``update_rooms``)."""
