@@ -425,6 +425,16 @@ class Chaos:
             print(f"round {number:4d} {'+'.join(round_.faults):40s} recovered in "
                   f"{round_.recovery if round_.recovery is not None else float('nan'):5.2f} s  {mark}  "
                   f"{'; '.join(round_.details)[:90]}", flush=True)
+        self.current = None
+        # The end is a fault too: SIGTERM must stop it cleanly (exit 0, within 2 s), and what
+        # it logs on the way out (unretrieved exceptions, say) counts like the rest.
+        assert self.daemon is not None
+        stopping = time.monotonic()
+        code = await asyncio.to_thread(self.daemon.stop)
+        took = time.monotonic() - stopping
+        if code != 0 or took > 2.0:
+            self._violate(f"SIGTERM at the end: exit {code} after {took:.1f} s")
+        self._scan_log()
         return self._report(time.monotonic() - started)
 
     def _attempts(self) -> int:
@@ -442,7 +452,7 @@ class Chaos:
         return chosen
 
     def _violate(self, text: str) -> None:
-        where = f"round {self.current.number} ({'+'.join(self.current.faults)})" if self.current else "start"
+        where = f"round {self.current.number} ({'+'.join(self.current.faults)})" if self.current else "start or end"
         line = f"seed {self.seed}, {where}: {text}"
         if self.current is not None:
             self.current.violations.append(text)
