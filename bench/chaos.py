@@ -969,6 +969,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.faults is None and args.duration is None:
         args.faults = 40
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so that the daemon, broker and mount are cleaned up
+
+    signal.signal(signal.SIGTERM, interrupted)
     return asyncio.run(main_async(args))
 
 
