@@ -330,6 +330,20 @@ async def test_mutual_tls_required_and_satisfied(pki, broker):
             await wait_store(app, lambda: app.store.rooms["lab"].patients == 7)
 
 
+async def test_an_https_snapshot_is_verified_with_the_upstream_ca_and_client_certificate(pki, broker):
+    # The snapshot is the socket's other door: the same CA and client certificate apply.
+    async with tls_simulator(server_ssl(pki.server_chain, client_ca=pki.ca.cert)) as sim:
+        assert sim.snapshot_url.startswith("https://127.0.0.1:")
+        sim.set_snapshot_poll(1)
+        sim.break_upgrades("426")
+        fallback = {"url": sim.snapshot_url, "interval": 1, "after": 0.2}
+        config = make_config(sim.url, broker.port, upstream__fallback=fallback, **upstream_tls(pki, pki.client))
+        async with running(config) as app:
+            await wait_store(app, lambda: app.store.link.status is LinkStatus.DEGRADED
+                             and app.store.rooms["opd-1"].patients == 5)
+            assert sim.snapshot_requests["served"] >= 1
+
+
 async def test_a_renewed_client_certificate_is_used_from_the_next_connection(pki, broker, tmp_path):
     cert, key = tmp_path / "client.pem", tmp_path / "client.key"
     cert.write_bytes(pki.rogue_client.cert.read_bytes())

@@ -82,12 +82,6 @@ class SnapshotClient:
             headers={"User-Agent": "waiting-room", "Accept": "application/json", "Accept-Encoding": "identity"},
         )
 
-    @classmethod
-    async def create(cls, *, proxy: str | None, timeout: float) -> SnapshotClient:
-        # Loading the system's CA store reads files: not in the event loop.
-        verify = await asyncio.to_thread(ssl.create_default_context)
-        return cls(proxy=proxy, timeout=timeout, verify=verify)
-
     async def __aenter__(self) -> SnapshotClient:
         return self
 

@@ -714,7 +714,16 @@ class Upstream:
                     await self._feed_wait(due - loop.time())
                     continue
                 if client is None:
-                    client = await SnapshotClient.create(proxy=self.cfg.proxy, timeout=float(self.cfg.connect_timeout))
+                    try:
+                        # The socket's context: upstream.ca_file and the client certificate
+                        # apply to an https:// snapshot too.
+                        verify = await self.tls_context()
+                    except tls.TlsError as exc:
+                        self._poll_failed(str(exc), float(fallback.interval))
+                        self._next_poll_at = loop.time() + float(fallback.interval)
+                        continue
+                    client = SnapshotClient(proxy=self.cfg.proxy, timeout=float(self.cfg.connect_timeout),
+                                            verify=verify)
                 try:
                     delay = await self._poll(client, fallback)
                 except asyncio.CancelledError:
