@@ -1,8 +1,9 @@
 """The HTTP snapshot, fetched: the transport of the fallback (docs/protocol.md, "The snapshot").
 
 One ``GET`` per call, through ``upstream.proxy`` when configured, else through the proxy the
-environment names (``https_proxy``, ``http_proxy``, ``no_proxy``), with the system's CA
-store, as the socket uses (``ssl.create_default_context()``, not certifi's bundle). The body
+environment names (``https_proxy``, ``http_proxy``, ``no_proxy``), with the socket's TLS
+context (``Upstream.tls_context()``: ``upstream.ca_file`` or the system's CA store, never
+certifi's bundle, and the client certificate). The body
 is read up to 1 MiB and no further. What the answer means is decided elsewhere: ``snapshot``
 decodes the body, ``upstream`` decides when to poll and what each outcome does.
 
