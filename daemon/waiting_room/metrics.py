@@ -27,7 +27,6 @@ from . import __version__
 from .model import LinkState, LinkStatus, RoomState
 from .store import RoomStore
 
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 FEED_MODES: Final = ("socket", "poll", "none")
 # Connection attempts by outcome (each counted by the upstream; all shown from the start, so
 # that rate() sees the first one): the handshake succeeded; it was answered with an HTTP
@@ -104,16 +103,15 @@ class StoreCollector(Collector):
         return self.families(self.snapshot())
 
     def families(self, snap: Snapshot) -> Iterator[Metric]:
-        link = snap.link
-        yield from self._upstream(snap, link.status, link.since, link.connects, snap.counters)
+        yield from self._upstream(snap)
         yield from self._rooms(snap)
-        yield from self._consumers(snap, snap.counters)
+        yield from self._consumers(snap)
         info = GaugeMetricFamily("waiting_room_info", "The daemon's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
 
-    def _upstream(self, snap: Snapshot, status: LinkStatus, since: float, connects: int,
-                  c: Counters) -> Iterator[Metric]:
+    def _upstream(self, snap: Snapshot) -> Iterator[Metric]:
+        status, c = snap.link.status, snap.counters
         yield GaugeMetricFamily("waiting_room_upstream_connected",
                                 "1 while the queue socket is joined and receiving, else 0.",
                                 value=1 if status is LinkStatus.CONNECTED else 0)
@@ -125,14 +123,15 @@ class StoreCollector(Collector):
             mode.add_metric([name], 1 if name == current else 0)
         yield mode
         states = GaugeMetricFamily("waiting_room_upstream_status",
-                                   "The upstream's status as on MQTT; 1 for the current one.", labels=["status"])
+                                   "The upstream's status, 1 for the current one (MQTT's, plus connecting: "
+                                   "not connected yet since start).", labels=["status"])
         for value in LinkStatus:
             states.add_metric([value.value], 1 if value is status else 0)
         yield states
         yield GaugeMetricFamily("waiting_room_upstream_status_since_timestamp_seconds",
-                                "When the upstream's status last changed (Unix time).", value=since)
+                                "When the upstream's status last changed (Unix time).", value=snap.link.since)
         yield CounterMetricFamily("waiting_room_upstream_connects", "Connections joined since start.",
-                                  value=connects)
+                                  value=snap.link.connects)
         attempts = CounterMetricFamily("waiting_room_upstream_connection_attempts",
                                        "Connection attempts by outcome: connected, refused (an HTTP "
                                        "status), tls, failed (the network), no_token.", labels=["outcome"])
@@ -178,7 +177,8 @@ class StoreCollector(Collector):
         yield age
         yield refused
 
-    def _consumers(self, snap: Snapshot, c: Counters) -> Iterator[Metric]:
+    def _consumers(self, snap: Snapshot) -> Iterator[Metric]:
+        c = snap.counters
         yield GaugeMetricFamily("waiting_room_mqtt_connected", "1 while connected to the MQTT broker, else 0.",
                                 value=1 if snap.mqtt == "connected" else 0)
         yield CounterMetricFamily("waiting_room_mqtt_connects", "Broker connections made.", value=c.mqtt_connects)
