@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testsupport import ROOT, Broker, Daemon, cpu_seconds, free_port, http_get, wait_listening
+from testsupport import ROOT, Broker, Daemon, free_port, http_get, wait_listening
 
 from .procs import daemon_config
 from .stats import machine

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 import yaml
-from conftest import Broker, make_config, running
+from conftest import Broker, make_config
 
 from browser import eventually, http_get
 from testsupport import Daemon
