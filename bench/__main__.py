@@ -70,6 +70,8 @@ async def run(args: argparse.Namespace) -> int:
     sizes = Sizes.smoke_sizes() if args.smoke else Sizes()
     if args.no_profile:
         sizes.profile = False
+    if args.no_seed:
+        sizes.seed = False
     for item in args.set or []:
         key, _, value = item.partition("=")
         if not hasattr(sizes, key):
@@ -112,8 +114,14 @@ async def run(args: argparse.Namespace) -> int:
             suite.log("== footprint")
             main_daemon = await suite.footprint()
             if suite.wanted("latency"):
+                seed = None
+                if suite.seed_on:
+                    suite.log("== the seed stack (bench/seed)")
+                    seed = await suite.start_seed()
                 suite.log("== latency")
-                await suite.latency(main_daemon)
+                await suite.latency(main_daemon, seed)
+                if seed is not None:
+                    suite.stop_daemon(seed)
             if suite.wanted("display"):
                 suite.log("== display fan-out")
                 await suite.display(main_daemon)
@@ -170,6 +178,8 @@ def main() -> None:
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin the measured process to its own CPU (see Suite.pin)")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    parser.add_argument("--no-seed", action="store_true",
+                        help="skip the seed stack (bench/seed: node, installed with npm ci on first use)")
     parser.add_argument("--set", action="append", metavar="SIZE=VALUE",
                         help="override one size, e.g. --set rest_seconds=5 --set flood_rooms=1,1000")
     parser.add_argument("--out", help="results directory (default bench/results)")

@@ -85,6 +85,51 @@ class Daemon(SharedDaemon):
         return time.monotonic() - started
 
 
+# -- the seed stack (bench/seed: rxjs webSocket + retryBackoff + shareReplay, mqtt.js) ---------
+
+SEED_DIR = ROOT / "bench" / "seed"
+
+
+def install_seed() -> str | None:
+    """``npm ci`` into bench/seed/node_modules (gitignored) when the lockfile is newer than the
+    last install; returns why the seed stack cannot run, or None."""
+    import shutil
+    import subprocess
+
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        return "node/npm not found"
+    stamp = SEED_DIR / "node_modules" / ".package-lock.json"
+    lock = SEED_DIR / "package-lock.json"
+    if stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime:
+        return None
+    done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=SEED_DIR,
+                          capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        return f"npm ci failed: {(done.stderr or done.stdout)[-300:]}"
+    return None
+
+
+class SeedBridge(Daemon):
+    """``node bench/seed/bridge.mjs CONFIG.json``: the seed tutorial's stack as a process
+    with the daemon's interface (pid, cpu, memory, stop, log), on the daemon's config shape."""
+
+    def write_config(self, config: dict[str, Any] | str) -> None:
+        self.config_path = self.config_path.with_suffix(".json")
+        self.config_path.write_text(config if isinstance(config, str) else json.dumps(config))
+
+    def start(self) -> None:
+        import shutil
+        import subprocess
+
+        with open(self.log_path, "ab") as log:
+            self.started_ns = time.monotonic_ns()
+            self.proc = subprocess.Popen(
+                [shutil.which("node") or "node", str(SEED_DIR / "bridge.mjs"), str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=SEED_DIR,
+            )
+
+
 # -- probes ---------------------------------------------------------------------------------
 
 

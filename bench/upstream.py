@@ -6,7 +6,7 @@ pre-encoded WebSocket frames straight to the transport: one write per paced fram
 writes for a flood. websockets writes whole frames, so nothing interleaves mid-frame.
 
 Connections are told apart by their token: the daemon presents ``daemon``, the bare floor
-client ``bare``. ``go_down``/``go_up`` simulate an outage on the same port; while down, a
+client ``bare``, the seed stack ``seed``. ``go_down``/``go_up`` simulate an outage on the same port; while down, a
 listener accepts and resets every TCP connection, so attempts can be counted.
 """
 
@@ -25,7 +25,7 @@ from websockets.http11 import Request, Response
 from .wsraw import text_frame
 
 PATH = "/ws/waiting-room"
-TOKENS = ("daemon", "bare")
+TOKENS = ("daemon", "bare", "seed")
 HEARTBEAT = 15
 
 
