@@ -132,7 +132,7 @@ def test_package_contents(debs: dict[str, Path]):
                                 ("etc/waiting-room/config.yaml", "config/example.yaml")):
             assert Path(tmp, shipped).read_bytes() == (ROOT / source).read_bytes(), shipped
         # Nothing names the directory the venv was built in.
-        bad = subprocess.run(["grep", "-rlI", "debian/waiting-room", f"{tmp}/opt"], capture_output=True, text=True)
+        bad = subprocess.run(["grep", "-rlI", "debian/waiting-room/opt", f"{tmp}/opt"], capture_output=True, text=True)
         assert not bad.stdout.strip(), bad.stdout
 
 
