@@ -140,7 +140,7 @@ def test_install_upgrade_remove_purge(debian_root: Path, debs: dict[str, Path], 
     timings: dict[str, float] = {}
     started = time.monotonic()
     folder = debs[VERSION].parent
-    binds = [(str(folder), "/debs")]
+    binds = [(str(folder), "/debs"), (str(ROOT), "/src")]
     first, second = (f"/debs/{debs[v].name}" for v in (VERSION, UPGRADE))
     display_port = free_port()
     apt_env = {"DEBIAN_FRONTEND": "noninteractive"}
@@ -184,6 +184,9 @@ def test_install_upgrade_remove_purge(debian_root: Path, debs: dict[str, Path], 
             assert c.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "inactive"
             assert c.run(["waiting-room", "--version"]).stdout.strip() == f"waiting-room {VERSION}"
             assert c.run(["/opt/waiting-room/venv/bin/python", "-c", "import systemd.journal"]).returncode == 0
+            # One install path per box: scripts/install refuses to run over the package.
+            refused = c.run(["/src/scripts/install"], check=False)
+            assert refused.returncode != 0 and "Debian package" in refused.stderr, refused.stdout + refused.stderr
 
             # -- configure and start, as the postinst's message says -------------------------
             rooms = [{"id": "opd-1", "name": "OPD 1"}, {"id": "lab", "name": "Laboratory"}]
