@@ -55,3 +55,26 @@ async def test_a_broker_restart_leaves_no_unretrieved_error_behind(sim, broker, 
             await wait_store(app, lambda: app.store.components.get("mqtt") == "connected")
     gc.collect()  # an unretrieved exception is reported when its future is collected
     assert "never retrieved" not in caplog.text, caplog.text
+
+
+def writer_registered(sock: socket.socket) -> bool:
+    key = asyncio.get_running_loop()._selector.get_map().get(sock.fileno())  # type: ignore[attr-defined]
+    return key is not None and key.data[1] is not None  # (reader, writer) handles
+
+
+async def test_write_now_writes_in_this_pass_and_leaves_no_writer_behind(broker, watcher):
+    # The publisher's fast path: paho's socket write happens in the caller's loop pass; the
+    # writer aiomqtt would have registered later must not be left registered (it would fire
+    # on every turn of the loop).
+    async with _Client("127.0.0.1", broker.port, identifier="write-now") as client:
+        sock = client._client.socket()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert client.can_write_now()
+        client.write_now([("write-now/a", "1"), ("write-now/b", b"2")])
+        assert not client._client._out_packet  # on the socket already, before any await
+        assert client.can_write_now()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not writer_registered(sock)
+        await watcher.wait_topic("write-now/b", "2")

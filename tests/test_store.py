@@ -387,3 +387,59 @@ async def test_a_subscription_without_replay_gets_only_later_changes():
         async with asyncio.timeout(1):
             batch = await anext(aiter(changes))
         assert list(batch.rooms) == ["lab"] and batch.link is None
+
+
+# -- the consumer's synchronous fast path (Subscription.fast) --------------------------------
+
+
+async def test_fast_path_takes_a_change_while_the_consumer_waits_and_nothing_is_dirty(store):
+    with await replayed(store) as sub:
+        seen: list[tuple[str, int | None]] = []
+
+        def fast(room: str) -> bool:
+            seen.append((room, store.rooms[room].patients))  # the new state is in the store already
+            return True
+
+        sub.fast = fast
+        store.apply_queue("opd-1", 5)  # not waiting in anext(): never called
+        assert seen == [] and sub.pending()
+        await next_batch(sub)
+        waiting = asyncio.ensure_future(next_batch(sub))
+        await asyncio.sleep(0)  # parked
+        store.apply_queue("opd-1", 6)
+        store.apply_queue("lab", 7)
+        assert seen == [("opd-1", 6), ("lab", 7)]
+        assert not sub.pending() and not waiting.done()
+        waiting.cancel()
+
+
+async def test_fast_path_refusing_a_change_leaves_it_and_the_rest_of_the_burst_to_coalesce(store):
+    with await replayed(store) as sub:
+        calls: list[str] = []
+
+        def fast(room: str) -> bool:
+            calls.append(room)
+            return len(calls) == 1  # takes the first change only (e.g. one per loop pass)
+
+        sub.fast = fast
+        waiting = asyncio.ensure_future(next_batch(sub))
+        await asyncio.sleep(0)
+        for n in range(100):  # a burst with no await in between
+            store.apply_queue("opd-1", n)
+        store.set_link(LinkStatus.CONNECTED)
+        batch = await waiting
+        # taken: 0; refused: 1, then the room is dirty and the fast path is no longer asked
+        assert calls == ["opd-1", "opd-1"]
+        assert batch.rooms["opd-1"].patients == 99 and batch.link is not None
+
+
+async def test_fast_path_is_not_asked_while_the_link_is_dirty(store):
+    with await replayed(store) as sub:
+        calls: list[str] = []
+        sub.fast = lambda room: calls.append(room) or True
+        waiting = asyncio.ensure_future(next_batch(sub))
+        await asyncio.sleep(0)
+        store.set_component("mqtt", "connected")  # link dirty: wakes the consumer
+        store.apply_queue("opd-1", 1)
+        batch = await waiting
+        assert calls == [] and batch.rooms["opd-1"].patients == 1

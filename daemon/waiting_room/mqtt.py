@@ -149,6 +149,8 @@ class _Client(aiomqtt.Client):
     traceback (or the writer lands on whatever reused the number). Registered here only if
     paho still holds that very socket, open.
 
+    ``write_now`` is the publisher's fast path: paho's socket write in the caller's loop pass.
+
     A lost broker sets ``MqttCodeError('Unexpected disconnection')`` on a future that nobody
     awaits once the message iteration has reported the loss: "Future exception was never
     retrieved" in the log at every broker restart. Looked at here when the client is done.
@@ -162,7 +164,42 @@ class _Client(aiomqtt.Client):
             if disconnected.done() and not disconnected.cancelled():
                 disconnected.exception()  # reported already, as the MqttError that ended us
 
+    _writing_now = False
+
+    def can_write_now(self) -> bool:
+        """Connected, with nothing queued in paho and no writer pending: a message handed to
+        paho now goes out first, and can go out at once (``write_now``)."""
+        paho = self._client
+        return paho.is_connected() and not paho._out_packet and not paho._registered_write
+
+    def write_now(self, messages: list[tuple[str, str | bytes]]) -> None:
+        """Retained QoS 0 messages written to the broker's socket in this loop pass, not on the
+        loop's next turns (aiomqtt defers the writer: a ``call_soon`` to register it, then a
+        select to call it). Whatever the socket does not take now goes out through the usual
+        writer. Call only when ``can_write_now()``."""
+        paho = self._client
+        self._writing_now = True
+        try:
+            for topic, payload in messages:
+                info = paho.publish(topic, payload, 0, True)
+                if info.rc != MQTT_ERR_SUCCESS:
+                    raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        finally:
+            self._writing_now = False
+            if paho._registered_write:
+                # No writer was registered (see below): loop_write registers one itself if
+                # the socket is full.
+                paho._registered_write = False
+                try:
+                    paho.loop_write()
+                except Exception as exc:  # a broken connection: as aiomqtt's writer does
+                    if not self._disconnected.done():
+                        self._disconnected.set_exception(exc)
+
     def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        if self._writing_now:
+            return  # write_now() writes in this very pass
+
         def write() -> None:
             try:
                 client.loop_write()
@@ -171,7 +208,9 @@ class _Client(aiomqtt.Client):
                     self._disconnected.set_exception(exc)
 
         def register() -> None:
-            if client.socket() is sock and sock.fileno() != -1:
+            # Not if the data went out meanwhile (write_now): an idle writer would fire on
+            # every turn of the loop, and paho, believing none registered, never remove it.
+            if client.socket() is sock and sock.fileno() != -1 and client._registered_write:
                 self._loop.add_writer(sock.fileno(), write)
 
         # paho may call this from the executor thread that connects.
@@ -370,7 +409,35 @@ class MqttPublisher:
         published: dict[str, int | None] = {}
         upstream: str | None = None
         known = set(self.store.rooms)  # announced as a whole at connect (_announcer)
+        rooms = self.store.rooms
+        loop = asyncio.get_running_loop()
+        in_pass = [False]
+
+        def end_pass() -> None:
+            in_pass[0] = False
+
+        def fast(room: str) -> bool:
+            """The store's fast path: a change that finds this consumer idle and the socket
+            free is written to the broker in the loop pass that read the frame. One per pass:
+            the rest of a burst coalesces into the next batch."""
+            if in_pass[0] or not isinstance(client, _Client) or not client.can_write_now():
+                return False
+            state = rooms.get(room)
+            if state is None or room not in known:
+                return False
+            messages = self._state_messages(room, state, published)
+            try:
+                client.write_now(messages)
+            except Exception:  # noqa: BLE001 - the reader's frame must never fail here
+                log.debug("fast publish of %s failed; left to the batch", room, exc_info=True)
+                return False
+            self.publishes += len(messages)
+            in_pass[0] = True
+            loop.call_soon(end_pass)
+            return True
+
         with self.store.subscribe(limit=BATCH_ROOMS) as changes:
+            changes.fast = fast
             async for batch in changes:
                 if batch.link is not None:
                     payload = upstream_payload(batch.link.status)
@@ -389,12 +456,19 @@ class MqttPublisher:
                         if self.discovery is not None:
                             for message in self.discovery.room_messages(*self._device_of(room, state.name)):
                                 await self._publish(client, message.topic, message.payload, qos=1)
-                    if state.patients is not None and published.get(room) != state.patients:
-                        states.append((f"{base}/{room}/patients", str(state.patients)))
-                        published[room] = state.patients
-                    states.append((f"{base}/{room}/state", state_payload(state)))
+                    states += self._state_messages(room, state, published)
                 await publish_retained_batch(client, states)
                 self.publishes += len(states)
+
+    def _state_messages(self, room: str, state: RoomState,
+                        published: dict[str, int | None]) -> list[tuple[str, str | bytes]]:
+        """A room's retained topics for a new state (``patients`` only when it changed)."""
+        messages: list[tuple[str, str | bytes]] = []
+        if state.patients is not None and published.get(room) != state.patients:
+            messages.append((f"{self.base}/{room}/patients", str(state.patients)))
+            published[room] = state.patients
+        messages.append((f"{self.base}/{room}/state", state_payload(state)))
+        return messages
 
     async def _forget(self, client: aiomqtt.Client, room: str) -> None:
         """A room taken out of the config: its discovery entries (every entity of its device)

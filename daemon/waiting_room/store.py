@@ -33,7 +33,7 @@ class Batch:
 class Subscription:
     """A consumer's view: ``async for batch in subscription``."""
 
-    __slots__ = ("_store", "_dirty", "_link_dirty", "_wake", "_closed", "_limit")
+    __slots__ = ("_store", "_dirty", "_link_dirty", "_wake", "_closed", "_limit", "_waiting", "fast")
 
     def __init__(self, store: RoomStore, limit: int | None = None, replay: bool = True) -> None:
         self._store = store
@@ -48,8 +48,18 @@ class Subscription:
         if replay:
             self._wake.set()
         self._closed = False
+        self._waiting = False
+        # The consumer's synchronous fast path: called with a room the moment it changes,
+        # while the consumer waits for its next batch with nothing dirty; True means the
+        # consumer took the change itself (e.g. wrote it to its socket in this very loop
+        # pass), and it is not marked dirty. Anything else coalesces as usual, so a batch
+        # never overtakes a newer value and a busy consumer is never called.
+        self.fast: Callable[[str], bool] | None = None
 
     def _mark_room(self, room: str) -> None:
+        fast = self.fast
+        if fast is not None and self._waiting and not self._dirty and not self._link_dirty and fast(room):
+            return
         self._dirty[room] = None
         self._wake.set()
 
@@ -81,7 +91,11 @@ class Subscription:
             if self._dirty or self._link_dirty:
                 return self._take()
             self._wake.clear()
-            await self._wake.wait()
+            self._waiting = True
+            try:
+                await self._wake.wait()
+            finally:
+                self._waiting = False
 
     def _take(self) -> Batch:
         rooms = self._store.rooms
