@@ -139,7 +139,7 @@ async def run(args: argparse.Namespace) -> int:
             await suite.scale()
         if suite.wanted("fleet"):
             suite.log("== fleet")
-            suite.fleet()
+            await suite.fleet()
         if suite.wanted("profile") and sizes.profile:
             suite.log("== profile (py-spy)")
             await suite.profile(out_dir, stamp)

@@ -2,10 +2,15 @@
 
 Each simulated daemon runs the daemon's real ``policy.ReconnectSchedule`` (the object
 ``upstream.Upstream`` asks for every delay) with its own seeded RNG, exactly as the daemon
-calls it: after the restart closes its healthy connection, ``next(BACKOFF, healthy=True)``;
-after each refused attempt while the server is down, ``next(BACKOFF)``. The comparison is
-the same loop with an un-jittered exponential schedule (initial, 2x, 4x, ... capped at max):
-every daemon then knocks at the same instants.
+calls it: after the restart closes its healthy connection, ``next(action_for_close(code),
+healthy=True)`` (1006: a dropped connection; 1001/1012: an announced restart); after each
+refused attempt while the server is down, ``next(BACKOFF)``. The comparison is the same loop
+with an un-jittered exponential schedule (initial, 2x, 4x, ... capped at max): every daemon
+then knocks at the same instants.
+
+What counts is what the returning server feels: the handshakes it receives once it listens
+again (attempts at or after ``downtime``), at their peak per 1-s (and 100-ms) window. Attempts
+while it is down meet a closed port (a reset from the kernel) and are reported apart.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from waiting_room.config import BackoffConfig
-from waiting_room.policy import Action, Decision, ReconnectSchedule
+from waiting_room.policy import Action, Decision, ReconnectSchedule, action_for_close
 
 MAX_ATTEMPTS = 1000  # per daemon: a bound, never reached with a sane schedule
 
@@ -40,13 +45,14 @@ class Unjittered:
         return Decision(action, delay)
 
 
-def attempts(n: int, downtime: float, make: Callable[[int], Schedule]) -> tuple[list[float], list[float]]:
+def attempts(n: int, downtime: float, make: Callable[[int], Schedule],
+             first: Action = Action.BACKOFF) -> tuple[list[float], list[float]]:
     """Attempt times (s after the restart) of all daemons, and when each got back in."""
     times: list[float] = []
     back: list[float] = []
     for i in range(n):
         schedule = make(i)
-        t = schedule.next(Action.BACKOFF, healthy=True).delay
+        t = schedule.next(first, healthy=True).delay
         times.append(t)
         for _ in range(MAX_ATTEMPTS):
             if t >= downtime:
@@ -68,6 +74,11 @@ def peak_rate(times: list[float], window: float) -> float:
     return best / window
 
 
+def returning_peak(times: list[float], downtime: float, window: float) -> float:
+    """The peak rate the server feels once it listens again (attempts at t >= downtime)."""
+    return peak_rate([t for t in times if t >= downtime], window)
+
+
 def histogram(times: list[float], width: float = 1.0, until: float = 60.0) -> list[int]:
     bins = [0] * int(until / width)
     for t in times:
@@ -77,16 +88,30 @@ def histogram(times: list[float], width: float = 1.0, until: float = 60.0) -> li
     return bins
 
 
-def run(n: int, downtimes: tuple[float, ...], seed: int = 1) -> dict[str, object]:
+# (close code the fleet sees, how long the server is away): the issue's two cases first.
+CASES: tuple[tuple[int, float], ...] = ((1006, 10.0), (1012, 1.0), (1001, 10.0), (1006, 1.0))
+
+
+def run(n: int, downtimes: tuple[float, ...], seed: int = 1,
+        cases: tuple[tuple[int, float], ...] | None = None) -> dict[str, object]:
     cfg = BackoffConfig()
     initial, maximum = float(cfg.initial), float(cfg.max)
     out: dict[str, object] = {"daemons": n, "backoff": {"initial": initial, "max": maximum}, "cases": []}
-    for downtime in downtimes:
-        jit, jit_back = attempts(n, downtime, lambda i: ReconnectSchedule(initial, maximum, random.Random(seed * 100_003 + i)))
+    wanted = list(cases if cases is not None else CASES)
+    wanted += [(1006, d) for d in downtimes if (1006, d) not in wanted]
+    for code, downtime in wanted:
+        first = action_for_close(code)
+        jit, jit_back = attempts(n, downtime, lambda i: ReconnectSchedule(initial, maximum, random.Random(seed * 100_003 + i)),
+                                 first)
         flat, flat_back = attempts(n, downtime, lambda i: Unjittered(initial, maximum))
         case = {
+            "code": code,
             "downtime_s": downtime,
             "jittered": {
+                "returning_peak_1s": returning_peak(jit, downtime, 1.0),
+                "returning_peak_100ms": returning_peak(jit, downtime, 0.1),
+                "attempts_while_down": sum(1 for t in jit if t < downtime),
+                "first_retry_median_s": round(sorted(t for t in jit)[0], 3),
                 "attempts": len(jit),
                 "peak_per_s_1s_window": peak_rate(jit, 1.0),
                 "peak_per_s_100ms_window": peak_rate(jit, 0.1),
@@ -95,6 +120,8 @@ def run(n: int, downtimes: tuple[float, ...], seed: int = 1) -> dict[str, object
                 "per_second": histogram(jit, 1.0, max(jit) + 1),
             },
             "unjittered": {
+                "returning_peak_1s": returning_peak(flat, downtime, 1.0),
+                "returning_peak_100ms": returning_peak(flat, downtime, 0.1),
                 "attempts": len(flat),
                 "peak_per_s_1s_window": peak_rate(flat, 1.0),
                 "peak_per_s_100ms_window": peak_rate(flat, 0.1),
@@ -102,6 +129,10 @@ def run(n: int, downtimes: tuple[float, ...], seed: int = 1) -> dict[str, object
                 "per_second": histogram(flat, 1.0, max(flat) + 1),
             },
         }
+        case["returning_ratio_1s"] = round(
+            case["jittered"]["returning_peak_1s"] / case["unjittered"]["returning_peak_1s"], 3)
+        case["returning_ratio_100ms"] = round(
+            case["jittered"]["returning_peak_100ms"] / case["unjittered"]["returning_peak_100ms"], 3)
         case["ratio_1s"] = round(case["jittered"]["peak_per_s_1s_window"] / case["unjittered"]["peak_per_s_1s_window"], 3)
         case["ratio_100ms"] = round(
             case["jittered"]["peak_per_s_100ms_window"] / case["unjittered"]["peak_per_s_100ms_window"], 3)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import fleet
+from . import fleet, fleet_real
 from .mqttlite import MqttLite
 from .procs import ROOT, Broker, Daemon, Probe, SeedBridge, daemon_config, free_port, install_seed
 from .stats import median, ratio, summary_ms
@@ -47,6 +47,7 @@ class Sizes:
     outage_seconds: float = 30.0
     fleet_daemons: int = 1000
     fleet_downtimes: tuple[float, ...] = (0.0, 2.0, 10.0, 30.0)
+    fleet_real_clients: int = 200  # real Upstream loops against one restarting server
     profile: bool = True
     smoke: bool = False
     # The main daemon keeps the shipped backoff (1 s .. 10 s) except in the smoke run, where
@@ -62,7 +63,7 @@ class Sizes:
         return cls(
             latency_rates=(100, 1000), latency_seconds=0.3, latency_repeats=1, flood_frames=3000, flood_rooms=(1, 10, 50),
             flood_repeats=1, display_clients=20, display_changes=3, scale_rooms=300, rest_seconds=1.0,
-            scale_rest_seconds=0.5, outage_seconds=1.5, fleet_daemons=100, fleet_downtimes=(10.0,),
+            scale_rest_seconds=0.5, outage_seconds=1.5, fleet_daemons=100, fleet_downtimes=(10.0,), fleet_real_clients=20,
             profile=False, smoke=True, main_backoff={"initial": 0.1, "max": 0.3},
             quiet_window=0.2, floor_runs=1,
         )
@@ -810,22 +811,34 @@ class Suite:
 
     # -- scenario: fleet ---------------------------------------------------------------------
 
-    def fleet(self) -> None:
+    async def fleet(self) -> None:
         s = self.sizes
+        self.results["fleet_real"] = await fleet_real.run(s.fleet_real_clients, 1012, 1.0)
+        self.log(f"fleet on real sockets: {self.results['fleet_real']}")
         out = fleet.run(s.fleet_daemons, s.fleet_downtimes)
         out["proposals"] = fleet.proposals(s.fleet_daemons, s.fleet_downtimes)
         self.results["fleet"] = out
-        main = max(out["cases"], key=lambda c: c["jittered"]["peak_per_s_1s_window"])  # type: ignore[index]
-        case = next((c for c in out["cases"] if c["downtime_s"] == 10.0), main)  # type: ignore[union-attr]
-        j, u = case["jittered"], case["unjittered"]
-        self.row("fleet", f"{s.fleet_daemons} daemons, server down {case['downtime_s']:.0f} s: peak/s (1 s window)",
-                 j["peak_per_s_1s_window"], "/s", floor=u["peak_per_s_1s_window"], ratio=case["ratio_1s"],
-                 target="<= 1/5 of un-jittered", status=_met(case["ratio_1s"] <= 0.2),
-                 note=f"floor = un-jittered exponential; all back after {j['all_back_after_s']} s "
-                      f"(un-jittered {u['all_back_after_s']} s)")
-        self.row("fleet", f"{s.fleet_daemons} daemons, server down {case['downtime_s']:.0f} s: peak/s (100 ms window)",
-                 j["peak_per_s_100ms_window"], "/s", floor=u["peak_per_s_100ms_window"], ratio=case["ratio_100ms"],
-                 target="<= 1/5 of un-jittered", status=_met(case["ratio_100ms"] <= 0.2))
+        # As the returning server feels it: handshakes per 1-s window once it listens again.
+        for case in out["cases"]:  # type: ignore[union-attr]
+            code, down = case["code"], case["downtime_s"]
+            target = (code, down) in ((1006, 10.0), (1001, 10.0), (1012, 1.0), (1001, 1.0))
+            if not target and (code, down) != (1006, 1.0):
+                continue
+            j, u = case["jittered"], case["unjittered"]
+            what = "dropped (1006)" if code == 1006 else f"restart announced ({code})"
+            self.row("fleet", f"{s.fleet_daemons} daemons, {what}, server back after {down:g} s: returning peak/s (1 s)",
+                     j["returning_peak_1s"], "/s", floor=u["returning_peak_1s"], ratio=case["returning_ratio_1s"],
+                     target="<= 1/5 of un-jittered" if target else "",
+                     status=_met(case["returning_ratio_1s"] <= 0.2) if target else "",
+                     note=f"floor = un-jittered exponential; 100-ms windows {case['returning_ratio_100ms']}; "
+                          f"median back {j['median_back_after_s'] - down:.1f} s after the server "
+                          f"(all {j['all_back_after_s'] - down:.1f} s); {j['attempts_while_down']} attempts met the closed port")
+        if "fleet_real" in self.results:
+            r = self.results["fleet_real"]
+            self.row("fleet", f"real sockets: {r['clients']} Upstreams, {r['code']}, back after {r['downtime_s']:g} s: "
+                     "returning peak/s (1 s)", r["returning_peak_1s"], "/s", floor=r["unjittered_peak_1s"],
+                     ratio=r["ratio_1s"], target="<= 1/5 of un-jittered", status=_met(r["ratio_1s"] <= 0.2),
+                     note=f"all back after {r['all_back_after_s']} s; model for the same case {r['model_ratio_1s']}")
 
     # -- profile -----------------------------------------------------------------------------
 

@@ -15,6 +15,8 @@ from waiting_room.policy import (
     liveness,
     PROMPT_MAX_DELAY,
     PROMPT_STREAK_MAX,
+    OUTAGE_FLOOR,
+    RESTART_SPREAD,
     RETRY_AFTER_CAP,
     Action,
     ReconnectSchedule,
@@ -47,10 +49,10 @@ def schedule(seed: int = 1, initial: float = INITIAL, maximum: float = MAXIMUM) 
 
 CLOSE_TABLE = [
     (1000, Action.BACKOFF),  # normal closure (maintenance)
-    (1001, Action.BACKOFF),  # going away
+    (1001, Action.RESTART),  # going away: an announced restart
     (1008, Action.BACKOFF),  # policy violation
     (1011, Action.BACKOFF),  # internal error
-    (1012, Action.BACKOFF),  # service restart
+    (1012, Action.RESTART),  # service restart
     (1013, Action.AT_LEAST_MAX),  # try again later
     (4000, Action.PROMPT),  # reconnect now
     (4001, Action.REFRESH_TOKEN),  # token expired or invalid
@@ -328,7 +330,8 @@ def test_healthy_resets_the_schedule():
         s.next(Action.BACKOFF)
     assert s.next(Action.BACKOFF).delay == MAXIMUM
     assert s.next(Action.BACKOFF, healthy=True).delay == INITIAL
-    assert s.next(Action.BACKOFF).delay == 2 * INITIAL
+    # refused again: an outage, drawn over the maximum (OUTAGE_TABLE)
+    assert s.next(Action.BACKOFF).delay == MAXIMUM
 
 
 def test_unhealthy_does_not_reset_the_schedule():
@@ -421,3 +424,79 @@ def test_liveness_bounds_a_dead_link_by_interval_plus_timeout():
             pinged_at = now
         now = wake
     assert verdict is Liveness.DEAD and now == pytest.approx(9.0)
+
+
+# -- an announced restart (1001, 1012): the first retry spread over RESTART_SPREAD ------------
+
+# (close code, healthy, seeds) -> every first delay within [lo, hi], and their spread
+FIRST_RETRY_TABLE = [
+    # announced, after a healthy connection: over [initial/10, RESTART_SPREAD] (here 10 s)
+    (1001, True, 0.1, RESTART_SPREAD, 6.0),
+    (1012, True, 0.1, RESTART_SPREAD, 6.0),
+    # a lone drop after a healthy connection: still within the first second
+    (1006, True, 0.1, 1.0, 0.5),
+    (None, True, 0.1, 1.0, 0.5),
+    (1011, True, 0.1, 1.0, 0.5),
+]
+
+
+@pytest.mark.parametrize(("code", "healthy", "lo", "hi", "min_spread"), FIRST_RETRY_TABLE)
+def test_first_retry_after_a_healthy_connection(code, healthy, lo, hi, min_spread):
+    delays = []
+    for seed in range(200):
+        s = ReconnectSchedule(INITIAL, MAXIMUM, random.Random(seed))
+        delays.append(s.next(action_for_close(code), healthy=healthy).delay)
+    assert lo <= min(delays) and max(delays) <= hi
+    assert max(delays) - min(delays) >= min_spread  # drawn over the window, not bunched
+
+
+@pytest.mark.parametrize(("initial", "maximum", "hi"), [(1.0, 60.0, RESTART_SPREAD), (1.0, 4.0, 4.0),
+                                                       (2.0, 2.0, 2.0), (0.1, 0.3, 0.3)])
+def test_restart_spread_is_capped_by_the_maximum(initial, maximum, hi):
+    s = ReconnectSchedule(initial, maximum, UpperBound())
+    assert s.next(Action.RESTART, healthy=True).delay == hi
+    s = ReconnectSchedule(initial, maximum, LowerBound())
+    assert s.next(Action.RESTART, healthy=True).delay == pytest.approx(initial / 10)
+
+
+# After a healthy connection is lost: (first action, rng) -> the delays of the first retries
+# while the server stays away. The quick (or spread) first retry, then the outage draws over
+# [OUTAGE_FLOOR * maximum, maximum].
+OUTAGE_TABLE = [
+    (Action.BACKOFF, UpperBound(), [1.0, MAXIMUM, MAXIMUM, MAXIMUM]),
+    (Action.BACKOFF, LowerBound(), [0.1, OUTAGE_FLOOR * MAXIMUM, OUTAGE_FLOOR * MAXIMUM]),
+    (Action.RESTART, UpperBound(), [RESTART_SPREAD, MAXIMUM, MAXIMUM]),
+    (Action.RESTART, LowerBound(), [0.1, OUTAGE_FLOOR * MAXIMUM]),
+]
+
+
+@pytest.mark.parametrize(("first", "rng", "expected"), OUTAGE_TABLE)
+def test_a_lost_healthy_connection_retries_once_then_spreads_over_the_maximum(first, rng, expected):
+    s = ReconnectSchedule(INITIAL, MAXIMUM, rng)
+    delays = [s.next(first, healthy=True).delay] + [s.next(Action.BACKOFF).delay for _ in expected[1:]]
+    assert delays == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_outage_draws_stay_within_their_window(seed):
+    s = schedule(seed)
+    assert s.next(Action.BACKOFF, healthy=True).delay <= 1.0
+    for _ in range(10):
+        assert OUTAGE_FLOOR * MAXIMUM <= s.next(Action.BACKOFF).delay <= MAXIMUM
+
+
+def test_a_schedule_never_healthy_keeps_the_exponential_caps():
+    s = ReconnectSchedule(INITIAL, MAXIMUM, UpperBound())
+    assert [s.next(Action.BACKOFF).delay for _ in range(5)] == [1.0, 2.0, 4.0, 8.0, 16.0]
+
+
+def test_a_server_closing_every_fresh_connection_with_1012_gets_the_spread_once():
+    s = ReconnectSchedule(INITIAL, MAXIMUM, UpperBound())
+    first = s.next(Action.RESTART, healthy=True).delay
+    later = [s.next(Action.RESTART).delay for _ in range(3)]  # never healthy again
+    assert first == RESTART_SPREAD and later == [MAXIMUM] * 3
+
+
+def test_restart_can_be_configured_for_another_code():
+    assert action_for_close(4500, {4500: Action.RESTART}) is Action.RESTART
+    assert action_for_close(1001, {1001: Action.BACKOFF}) is Action.BACKOFF

@@ -23,7 +23,7 @@ from .protocol import ROOM_ID_PATTERN
 _DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _UNITS: Final = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TOPIC_BAD: Final = re.compile(r"[+#\x00]")
-_CLOSE_ACTIONS: Final = ("backoff", "prompt", "at_least_max", "refresh_token", "auth_failed")
+_CLOSE_ACTIONS: Final = ("backoff", "prompt", "at_least_max", "refresh_token", "auth_failed", "restart")
 
 
 class ConfigError(Exception):
@@ -87,7 +87,7 @@ class BackoffConfig(_Strict):
 
 
 TokenIn = Literal["header", "query"]
-CloseAction = Literal["backoff", "prompt", "at_least_max", "refresh_token", "auth_failed"]
+CloseAction = Literal["backoff", "prompt", "at_least_max", "refresh_token", "auth_failed", "restart"]
 
 _HTTP_URL: Final = re.compile(r"^https?://[^/?#\s]+([/?#]\S*)?$")
 _PROXY_URL: Final = re.compile(r"^https?://([^/?#\s@]+@)?[^/?#\s@:]+(:\d{1,5})?/?$")
@@ -192,9 +192,29 @@ class RoomConfig(_Strict):
         return self.name or self.id
 
 
+_MQTT_HOST: Final = "127.0.0.1"
+_MQTT_PORT: Final = 1883
+
+
+def _split_node(node: str) -> tuple[str, int] | None:
+    """ "host:port" or "[v6]:port" -> (host, port); None if it is neither."""
+    host, sep, port = node.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not _is_ip(host):
+            return None
+    elif ":" in host:
+        return None  # an IPv6 address needs its brackets before the port
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    if not (_HOST_NAME.match(host) or _is_ip(host)):
+        return None
+    return host, int(port)
+
+
 class MqttConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
+    host: str = _MQTT_HOST
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = _MQTT_PORT
     base_topic: str = "waiting-room"
     discovery_prefix: str | bool = "homeassistant"
     username: str | None = None
@@ -211,8 +231,21 @@ class MqttConfig(_Strict):
     # checks keepalives every 5-6 s).
     keepalive: Annotated[int, msgspec.Meta(ge=2, le=3600)] = 5
     backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
+    # The nodes of a clustered broker, ["host:port", ...], instead of host and port: the
+    # first that answers is used; when it is lost the daemon tries the next, then around.
+    hosts: Annotated[list[str], msgspec.Meta(max_length=100)] | None = None
 
     def __post_init__(self) -> None:
+        if self.hosts is not None:
+            if (self.host, self.port) != (_MQTT_HOST, _MQTT_PORT):
+                raise ValueError("hosts: expected either hosts or host and port, not both")
+            if not self.hosts:
+                raise ValueError('hosts: expected at least one "host:port"')
+            for i, node in enumerate(self.hosts):
+                if _split_node(node) is None:
+                    raise ValueError(f'hosts[{i}]: expected "host:port", e.g. "broker-2.example:1883"')
+            if len(set(self.nodes)) != len(self.nodes):
+                raise ValueError("hosts: a node is listed twice")
         _check_topic("base_topic", self.base_topic)
         if self.discovery_prefix is True:
             raise ValueError("discovery_prefix: expected a topic prefix, or false")
@@ -229,6 +262,14 @@ class MqttConfig(_Strict):
     @property
     def discovery(self) -> str | None:
         return self.discovery_prefix if isinstance(self.discovery_prefix, str) else None
+
+    @property
+    def nodes(self) -> tuple[tuple[str, int], ...]:
+        """The broker's nodes as (host, port), in the configured order: ``hosts``, or the
+        one ``host`` and ``port``."""
+        if self.hosts is None:
+            return ((self.host, self.port),)
+        return tuple(n for n in map(_split_node, self.hosts) if n is not None)
 
 
 _LOCALE_RE: Final = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
