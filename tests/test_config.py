@@ -420,6 +420,49 @@ def test_a_long_wrong_value_is_shortened():
     assert len(message) < 200
 
 
+# -- mqtt.hosts: the nodes of a clustered broker ------------------------------------------
+
+
+def test_mqtt_hosts_are_the_nodes_in_order():
+    data = variant(("mqtt.host", DELETE), ("mqtt.port", DELETE),
+                   ("mqtt.hosts", ["mq-2.example:1883", "10.0.0.7:8883", "[fd00::3]:1883"]))
+    config = parse_config(data, SOURCE)
+    assert config.mqtt.nodes == (("mq-2.example", 1883), ("10.0.0.7", 8883), ("fd00::3", 1883))
+
+
+def test_mqtt_host_and_port_are_one_node():
+    assert parse_config(variant(), SOURCE).mqtt.nodes == (("broker.local", 8883),)
+    minimal = variant(("mqtt", DELETE))
+    assert parse_config(minimal, SOURCE).mqtt.nodes == (("127.0.0.1", 1883),)
+
+
+ONE_OR_THE_OTHER = [("mqtt.host", DELETE), ("mqtt.port", DELETE)]
+HOSTS_ERRORS = [
+    # one or the other
+    ([("mqtt.hosts", ["a:1883"])], "mqtt.hosts", "not both"),
+    ([("mqtt.host", DELETE), ("mqtt.hosts", ["a:1883"])], "mqtt.hosts", "not both"),  # port 8883 still set
+    ([("mqtt.port", DELETE), ("mqtt.hosts", ["a:1883"])], "mqtt.hosts", "not both"),
+    # each node
+    ([*ONE_OR_THE_OTHER, ("mqtt.hosts", [])], "mqtt.hosts", "at least one"),
+    ([*ONE_OR_THE_OTHER, ("mqtt.hosts", "a:1883")], "mqtt.hosts", "list"),
+    ([*ONE_OR_THE_OTHER, ("mqtt.hosts", ["a:1883", "b"])], "mqtt.hosts[1]", '"host:port"'),
+    ([*ONE_OR_THE_OTHER, ("mqtt.hosts", ["a:0"])], "mqtt.hosts[0]", '"host:port"'),
+    ([*ONE_OR_THE_OTHER, ("mqtt.hosts", ["a:65536"])], "mqtt.hosts[0]", '"host:port"'),
+    ([*ONE_OR_THE_OTHER, ("mqtt.hosts", ["fd00::3:1883"])], "mqtt.hosts[0]", '"host:port"'),
+    ([*ONE_OR_THE_OTHER, ("mqtt.hosts", ["mqtt://a:1883"])], "mqtt.hosts[0]", '"host:port"'),
+    ([*ONE_OR_THE_OTHER, ("mqtt.hosts", [":1883"])], "mqtt.hosts[0]", '"host:port"'),
+    ([*ONE_OR_THE_OTHER, ("mqtt.hosts", [1883])], "mqtt.hosts[0]", "string"),
+    ([*ONE_OR_THE_OTHER, ("mqtt.hosts", ["a:1883", "a:1883"])], "mqtt.hosts", "twice"),
+]
+
+
+@pytest.mark.parametrize(("edits", "key", "words"), HOSTS_ERRORS, ids=[repr(e[-1][1])[:50] for e, _, _ in HOSTS_ERRORS])
+def test_mqtt_hosts_errors(edits, key, words):
+    message = error_of(variant(*edits))
+    assert_one_line(message, SOURCE, key + ":")
+    assert words in message, message
+
+
 def test_top_level_not_a_mapping():
     for data in (["upstream"], "upstream", 5):
         message = error_of(data)

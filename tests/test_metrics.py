@@ -176,6 +176,7 @@ async def test_metrics_of_a_running_daemon(sim, broker):
         assert m.by("waiting_room_room_age_seconds", "room") == {"opd-1": 0, "lab": 0}
         assert m.value("waiting_room_upstream_connection_attempts_total", outcome="connected") == 1
         assert m.value("waiting_room_mqtt_connected") == 1
+        assert m.by("waiting_room_mqtt_node", "node") == {f"127.0.0.1:{broker.port}": 1}
         assert m.value("waiting_room_mqtt_connects_total") == 1
         assert m.value("waiting_room_mqtt_publishes_total") > 0
         assert m.value("waiting_room_display_clients") == 0

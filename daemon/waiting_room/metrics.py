@@ -77,6 +77,7 @@ class Snapshot:
     dropped_frames: int
     last_frame_at: float | None
     counters: Counters
+    mqtt_node: str | None = None  # "host:port" of the broker node in use (mqtt.hosts)
 
 
 class StoreCollector(Collector):
@@ -97,7 +98,8 @@ class StoreCollector(Collector):
     def snapshot(self) -> Snapshot:
         store = self.store
         return Snapshot(self.clock(), store.link, list(store.rooms.values()), store.components.get("mqtt"),
-                        store.dropped_frames, store.last_frame_at, self.counters())
+                        store.dropped_frames, store.last_frame_at, self.counters(),
+                        store.components.get("mqtt_node"))
 
     def collect(self) -> Iterator[Metric]:
         return self.families(self.snapshot())
@@ -181,6 +183,11 @@ class StoreCollector(Collector):
         c = snap.counters
         yield GaugeMetricFamily("waiting_room_mqtt_connected", "1 while connected to the MQTT broker, else 0.",
                                 value=1 if snap.mqtt == "connected" else 0)
+        node = GaugeMetricFamily("waiting_room_mqtt_node", "1 for the broker node in use (host:port), while connected.",
+                                 labels=["node"])
+        if snap.mqtt == "connected" and snap.mqtt_node not in (None, "none"):
+            node.add_metric([snap.mqtt_node], 1)
+        yield node
         yield CounterMetricFamily("waiting_room_mqtt_connects", "Broker connections made.", value=c.mqtt_connects)
         yield CounterMetricFamily("waiting_room_mqtt_publishes",
                                   "Messages handed to the broker (states, status, discovery).",

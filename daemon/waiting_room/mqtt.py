@@ -27,7 +27,7 @@ from .config import MqttConfig, RoomConfig
 from .credentials import SecretError, credential_path, read_secret_file
 from .discovery import Discovery
 from .model import LinkStatus, RoomState
-from .policy import Action, ReconnectSchedule
+from .policy import Action, NodeRotation, ReconnectSchedule
 from .store import RoomStore
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,12 @@ async def publish_retained_batch(client: aiomqtt.Client, messages: list[tuple[st
 
 async def subscribe(client: aiomqtt.Client, topic: str) -> None:
     await _bounded(client, client.subscribe(topic, timeout=math.inf), f"subscribe to {topic}")
+
+
+def node_name(node: tuple[str, int]) -> str:
+    """(host, port) as "host:port", an IPv6 address in brackets."""
+    host, port = node
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def upstream_payload(status: LinkStatus) -> str:
@@ -306,10 +312,12 @@ class MqttPublisher:
             return read_secret_file(credential_path(self.cfg.password_credential), "MQTT password credential")
         return None
 
-    def _client(self, password: str | None, context: ssl.SSLContext | None = None) -> aiomqtt.Client:
+    def _client(self, password: str | None, context: ssl.SSLContext | None = None,
+                node: tuple[str, int] | None = None) -> aiomqtt.Client:
+        host, port = node or self.cfg.nodes[0]
         client = _Client(
-            self.cfg.host,
-            self.cfg.port,
+            host,
+            port,
             username=self.cfg.username,
             password=password,
             identifier=self.identifier,
@@ -327,19 +335,25 @@ class MqttPublisher:
 
     async def run(self) -> None:
         schedule = ReconnectSchedule(float(self.cfg.backoff.initial), float(self.cfg.backoff.max))
-        where = f"{self.cfg.host}:{self.cfg.port}"
+        nodes = self.cfg.nodes
+        rotation = NodeRotation(len(nodes))  # mqtt.hosts: which node next (policy.py)
         self.store.set_component("mqtt", "connecting")
+        self.store.set_component("mqtt_node", "none")
         last_lasting: str | None = None
         while True:
+            node = nodes[rotation.current]
+            where = node_name(node)
             connected_at: float | None = None
             failure: tls.Failure | None = None
             try:
                 password = await asyncio.to_thread(self._password)
                 context = await asyncio.to_thread(self._tls.get) if self._tls is not None else None
-                async with self._client(password, context) as client:
+                async with self._client(password, context, node) as client:
                     connected_at = time.monotonic()
                     last_lasting = None
                     log.info("mqtt connected to %s as %s", where, self.identifier)
+                    # The node in use, for /healthz, /metrics and the STATUS line.
+                    self.store.set_component("mqtt_node", where)
                     self.store.set_component("mqtt", "connected")
                     await self._connected(client)
             except aiomqtt.MqttError as exc:
@@ -352,19 +366,27 @@ class MqttPublisher:
             lasting = failure is not None and failure.lasting
             # A lasting problem shows in /healthz and `systemctl status` too.
             self.store.set_component("mqtt", f"disconnected ({failure.detail})" if lasting else "disconnected")
+            self.store.set_component("mqtt_node", "none")
+            wait = rotation.lost() if connected_at is not None else rotation.failed()
+            following = f" {node_name(nodes[rotation.current])}" if len(nodes) > 1 else ""
+            if failure is not None:
+                problem = failure.detail
+            if not wait:
+                # A node of the cluster refused or did not answer: the next one at once; the
+                # backoff comes after a whole round.
+                log.warning("mqtt %s: %s; trying%s now", where, problem, following)
+                continue
             if failure is not None and failure.lasting:
                 # An untrusted broker certificate, a refused client certificate, an unusable
                 # TLS file: retried at the backoff's maximum, one ERROR line until it changes.
                 delay = schedule.next(Action.AT_LEAST_MAX).delay
                 level = logging.DEBUG if failure.detail == last_lasting else logging.ERROR
                 last_lasting = failure.detail
-                log.log(level, "mqtt %s: %s; retrying in %.1f s", where, failure.detail, delay)
+                log.log(level, "mqtt %s: %s; retrying%s in %.1f s", where, failure.detail, following, delay)
             else:
                 delay = schedule.next(Action.BACKOFF, healthy=healthy).delay
                 last_lasting = None
-                if failure is not None:
-                    problem = failure.detail
-                log.warning("mqtt %s: %s; retrying in %.1f s", where, problem, delay)
+                log.warning("mqtt %s: %s; retrying%s in %.1f s", where, problem, following, delay)
             await asyncio.sleep(delay)
 
     async def _connected(self, client: aiomqtt.Client) -> None:
