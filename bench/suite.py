@@ -880,7 +880,7 @@ class Suite:
             summary = summarise_profile(raw.read_text())
             (results_dir / f"profile-{stamp}-flood-{nrooms}rooms-summary.txt").write_text(
                 format_profile(summary))
-            out[f"{nrooms}_rooms"] = {"raw": str(raw.relative_to(ROOT)), **summary}
+            out[f"{nrooms}_rooms"] = {"raw": str(raw.relative_to(ROOT) if raw.is_relative_to(ROOT) else raw), **summary}
         self.results["profile"] = out
 
 
