@@ -87,3 +87,27 @@ def test_values_are_correct(smoke: dict) -> None:
     assert results["recovery"]["return_to_fresh_data_ms"] is not None
     fleet = results["fleet"]["cases"][0]
     assert fleet["jittered"]["attempts"] >= results["fleet"]["daemons"]
+
+
+@pytest.mark.timeout(300)
+def test_the_seed_stack_runs_beside_the_daemon_or_says_why_not(smoke: dict) -> None:
+    results = smoke["results"]
+    seed = results["seed"]
+    if seed.get("skipped"):  # e.g. no node on this machine: said, not silently dropped
+        assert "node" in seed["skipped"] or "npm" in seed["skipped"], seed
+        return
+    assert seed["rss_at_rest_kb"] > 0 and seed["node"].startswith("v")
+    for rate in results["latency"]["rates"].values():
+        assert rate["seed"]["n"] > 0 and rate["seed_final_values_correct"], rate
+    for case in results["flood"]["cases"].values():
+        assert case["seed_all_correct"] and case["median_seed_completion_ms"] is not None, case
+    assert any(r["metric"].endswith("daemon vs seed stack") for r in smoke["table"])
+
+
+@pytest.mark.timeout(300)
+def test_the_fleet_is_measured_at_the_returning_server_and_on_real_sockets(smoke: dict) -> None:
+    fleet = smoke["results"]["fleet"]
+    cases = {(c["code"], c["downtime_s"]) for c in fleet["cases"]}
+    assert {(1006, 10.0), (1012, 1.0), (1001, 10.0)} <= cases
+    real = smoke["results"]["fleet_real"]
+    assert real["all_back"] and real["reconnected"] == real["clients"], real
