@@ -259,6 +259,112 @@ class Broker:
         self.start()
 
 
+# -- a NATS cluster with its MQTT gateway ----------------------------------------------------
+
+
+class NatsCluster:
+    """``size`` nats-server nodes in one cluster, each on its own free loopback ports (client,
+    cluster route, MQTT, monitoring), with its own config and JetStream store directory:
+    never the machine's NATS on 4222. JetStream is on (NATS keeps MQTT sessions and retained
+    messages in streams) and the MQTT streams are replicated on ``size`` nodes, so that they
+    survive the loss of one. ``kill(i)`` is SIGKILL; ``start_node(i)`` brings a node back
+    with its store, to catch up from the others.
+    """
+
+    def __init__(self, workdir: Path, size: int = 3, name: str = "waiting-room-test") -> None:
+        self.workdir = workdir
+        self.size = size
+        self.name = name
+        self.exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        self.client_ports = [free_port() for _ in range(size)]
+        self.route_ports = [free_port() for _ in range(size)]
+        self.mqtt_ports = [free_port() for _ in range(size)]
+        self.http_ports = [free_port() for _ in range(size)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
+
+    @property
+    def hosts(self) -> list[str]:
+        """Every node's MQTT listener, as ``mqtt.hosts`` takes them."""
+        return [f"127.0.0.1:{port}" for port in self.mqtt_ports]
+
+    def log_path(self, i: int) -> Path:
+        return self.workdir / f"nats-{i}.log"
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run([self.exe, "--version"], capture_output=True, text=True, timeout=5, check=False)
+            return out.stdout.strip() or "unknown"
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+
+    def _conf(self, i: int) -> str:
+        routes = ", ".join(f"nats-route://127.0.0.1:{port}" for port in self.route_ports)
+        store = self.workdir / f"nats-{i}-store"
+        return (
+            f"server_name: n{i}\n"
+            f"listen: 127.0.0.1:{self.client_ports[i]}\n"
+            f"http: 127.0.0.1:{self.http_ports[i]}\n"
+            f'jetstream {{ store_dir: "{store}" }}\n'
+            f"cluster {{ name: {self.name}, listen: 127.0.0.1:{self.route_ports[i]}, routes: [{routes}] }}\n"
+            f"mqtt {{ listen: 127.0.0.1:{self.mqtt_ports[i]}, stream_replicas: {self.size} }}\n"
+        )
+
+    def start_node(self, i: int) -> None:
+        conf = self.workdir / f"nats-{i}.conf"
+        conf.write_text(self._conf(i))
+        with open(self.log_path(i), "ab") as log:
+            self.procs[i] = subprocess.Popen([self.exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+
+    def start(self, timeout: float = 30.0) -> None:
+        if not os.path.exists(self.exe):
+            raise RuntimeError("nats-server is not installed: run scripts/setup (or apt-get install nats-server)")
+        for i in range(self.size):
+            self.start_node(i)
+        for i in range(self.size):
+            self.wait_ready(i, timeout)
+
+    def wait_ready(self, i: int, timeout: float = 30.0) -> None:
+        """The node listens for MQTT and its /healthz says JetStream is current (a meta
+        leader is known and its streams caught up)."""
+        proc = self.procs[i]
+        assert proc is not None
+        wait_listening(self.mqtt_ports[i], proc, f"nats-server n{i}", self.log_path(i), timeout)
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nats-server n{i} exited: {self.log_path(i).read_text(errors='replace')[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.http_ports[i]), 1) as s:
+                    s.sendall(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                    s.settimeout(2)
+                    last = b"".join(iter(lambda: s.recv(4096), b"")).decode(errors="replace")
+                if " 200 " in last.split("\r\n", 1)[0] and '"ok"' in last:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"nats-server n{i} not ready (JetStream): {last[-300:]}")
+
+    def kill(self, i: int) -> None:
+        """SIGKILL: the node vanishes without a goodbye to its clients or its peers."""
+        proc = self.procs[i]
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+        self.procs[i] = None
+
+    def alive(self, i: int) -> bool:
+        proc = self.procs[i]
+        return proc is not None and proc.poll() is None
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            terminate(proc)
+        self.procs = [None] * self.size
+
+
 # -- the daemon -----------------------------------------------------------------------------
 
 
