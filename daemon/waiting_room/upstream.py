@@ -16,10 +16,11 @@ import time
 import urllib.parse
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Final, Iterable
+from typing import Callable, Final, Iterable
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Frame, Opcode
 
 from . import protocol, tls
 from .config import FallbackConfig, UpstreamConfig
@@ -98,6 +99,31 @@ def parse_ts(ts: str | None) -> float | None:
     return moment.timestamp()
 
 
+class _Connection(ClientConnection):
+    """websockets' client connection with one fast path: a whole text frame that arrives while
+    the session's reader waits with nothing queued goes to ``on_text`` in ``data_received``,
+    the loop pass that read it from the socket, instead of waking the reader task on the next
+    pass. ``on_text`` returns False to leave the frame to the reader, in order."""
+
+    on_text: Callable[[str], bool] | None = None
+
+    def process_event(self, event: object) -> None:
+        handler = self.on_text
+        if (handler is not None and self.response is not None and type(event) is Frame
+                and event.opcode is Opcode.TEXT and event.fin):
+            frames = self.recv_messages.frames
+            waiter = frames.get_waiter
+            if waiter is not None and not waiter.done() and not frames.queue:
+                try:
+                    text = bytes(event.data).decode()
+                except UnicodeDecodeError:
+                    pass  # the reader's path closes with 1007
+                else:
+                    if handler(text):
+                        return
+        super().process_event(event)  # type: ignore[arg-type]
+
+
 class _Session:
     """One connection: joins, reads, answers pings, notices silence, retries refused rooms."""
 
@@ -122,6 +148,8 @@ class _Session:
         self.task: asyncio.Task[None] | None = None
         self._ts_text: str | None = None
         self._ts_value: float | None = None
+        if isinstance(ws, _Connection):
+            ws.on_text = self._fast_text
 
     @property
     def close_code(self) -> int:
@@ -180,6 +208,22 @@ class _Session:
             elif kind is protocol.Dropped:
                 up.drop(frame.reason)  # type: ignore[union-attr]
             # Pong and Ignored (unknown types) need nothing.
+
+    def _fast_text(self, message: str) -> bool:
+        """From ``_Connection``, while the reader waits: a queue frame is applied at once (and,
+        with the MQTT side idle, is on the broker's socket before this returns); anything
+        else, or a frame that fails here, goes through the reader as usual."""
+        if not self.feeding:
+            return False
+        frame = self._decoder.decode(message)
+        if type(frame) is not protocol.Queue:
+            return False
+        self.last_rx = self._loop.time()
+        try:
+            self._on_queue(frame)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - the reader meets it again and costs a reconnect
+            return False
+        return True
 
     def _on_queue(self, frame: protocol.Queue) -> None:
         up = self.up
@@ -455,6 +499,7 @@ class Upstream:
             compression=None,
             logger=_WireLog(logging.getLogger("waiting_room.wire"), {}),
             user_agent_header="waiting-room",
+            create_connection=_Connection,
         )
 
     def _failed(self, status: LinkStatus, detail: str, delay: float, *, level: int = logging.WARNING,
