@@ -196,11 +196,17 @@ class _Client(aiomqtt.Client):
                 # No writer was registered (see below): loop_write registers one itself if
                 # the socket is full.
                 paho._registered_write = False
+                # Nobody awaits these QoS 0 messages: paho's on_publish (a ReasonCode and a
+                # Properties object per message, for aiomqtt to find no waiter) is skipped
+                # for what goes out now.
+                on_publish, paho._on_publish = paho._on_publish, None
                 try:
                     paho.loop_write()
                 except Exception as exc:  # a broken connection: as aiomqtt's writer does
                     if not self._disconnected.done():
                         self._disconnected.set_exception(exc)
+                finally:
+                    paho._on_publish = on_publish
 
     def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
         if self._writing_now:
