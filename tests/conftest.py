@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
@@ -109,11 +111,15 @@ class Watcher:
         return self.last[topic]
 
 
-@pytest.fixture
-async def watcher(broker: Broker) -> AsyncIterator[Watcher]:
-    client = aiomqtt.Client("127.0.0.1", broker.port, identifier=f"test-watcher-{os.getpid()}")
+@contextlib.asynccontextmanager
+async def watching(port: int, *topics: str, qos: int = 0, tls_context: ssl.SSLContext | None = None
+                   ) -> AsyncIterator[Watcher]:
+    """A subscriber to ``topics`` (everything by default) on a private broker's ``port``."""
+    client = aiomqtt.Client("127.0.0.1", port, identifier=f"test-watcher-{os.getpid()}-{time.monotonic_ns()}",
+                            tls_context=tls_context)
     await client.__aenter__()
-    await client.subscribe("#")
+    for topic in topics or ("#",):
+        await client.subscribe(topic, qos=qos)
     w = Watcher(client)
     task = asyncio.create_task(w._pump())
     try:
@@ -125,6 +131,12 @@ async def watcher(broker: Broker) -> AsyncIterator[Watcher]:
             await task
         with contextlib.suppress(aiomqtt.MqttError):
             await client.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def watcher(broker: Broker) -> AsyncIterator[Watcher]:
+    async with watching(broker.port) as w:
+        yield w
 
 
 @pytest.fixture

@@ -11,17 +11,15 @@ with it (no other node publishes them), and ``#`` also matches NATS's ``$MQTT/..
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import AsyncIterator
 
-import aiomqtt
 import pytest
-from conftest import Broker, Watcher, make_config, running, wait_store
+from conftest import Broker, make_config, running, wait_store
+from conftest import watching as subscribed
 
 from testsupport import Daemon, NatsCluster, free_port, http_get
 from waiting_room.simulator import Simulator
@@ -49,22 +47,9 @@ def two_brokers(tmp_path: Path):
         broker.stop()
 
 
-@contextlib.asynccontextmanager
-async def watching(port: int, *topics: str) -> AsyncIterator[Watcher]:
-    client = aiomqtt.Client("127.0.0.1", port, identifier=f"test-watcher-{os.getpid()}-{port}-{time.monotonic_ns()}")
-    await client.__aenter__()
-    for topic in topics or (f"{BASE}/#", "homeassistant/#"):
-        await client.subscribe(topic, qos=1)
-    w = Watcher(client)
-    task = asyncio.create_task(w._pump())
-    try:
-        yield w
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await task
-        with contextlib.suppress(aiomqtt.MqttError):
-            await client.__aexit__(None, None, None)
+def watching(port: int, *topics: str):
+    """The daemon's topics and its discovery entries, at QoS 1."""
+    return subscribed(port, *(topics or (f"{BASE}/#", "homeassistant/#")), qos=1)
 
 
 async def test_a_refusing_node_is_skipped_and_a_lost_node_fails_over(sim, two_brokers):

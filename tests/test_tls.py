@@ -399,8 +399,7 @@ async def test_a_server_requiring_a_client_certificate_refuses_one_without(pki, 
 
 # -- MQTT: mosquitto with a TLS listener and require_certificate -------------------------------
 
-import aiomqtt  # noqa: E402
-from conftest import Broker, Watcher  # noqa: E402
+from conftest import Broker, watching  # noqa: E402
 
 
 @pytest.fixture
@@ -415,16 +414,8 @@ def tls_broker(tmp_path, pki):
 async def tls_watcher(broker, pki):
     """A subscriber to everything, itself with a client certificate."""
     context = tls.client_context(str(pki.ca.cert), str(pki.client.cert), str(pki.client.key), section="test")
-    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="test-tls-watcher", tls_context=context) as client:
-        await client.subscribe("#")
-        w = Watcher(client)
-        task = asyncio.create_task(w._pump())
-        try:
-            yield w
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await task
+    async with watching(broker.port, tls_context=context) as w:
+        yield w
 
 
 def mqtt_tls(pki, client=None, ca=None) -> dict:
