@@ -226,12 +226,28 @@ def _wrapped(inner: BaseException) -> BaseException:
          "TLS: the server does not trust our client certificate (mqtt.cert_file): unknown CA", True),
         (_ssl_error("WRONG_VERSION_NUMBER"),
          "TLS handshake failed: the server does not speak TLS on this port (wrong version number)", True),
-        (_ssl_error("UNEXPECTED_EOF_WHILE_READING"), "TLS handshake failed: unexpected eof while reading", False),
+        (_ssl_error("UNEXPECTED_EOF_WHILE_READING"), "TLS handshake failed: the server closed the connection (EOF)",
+         False),
+        (ssl.SSLEOFError(8, "EOF occurred in violation of protocol (_ssl.c:2427)"),
+         "TLS handshake failed: the server closed the connection (EOF)", False),
         (TlsError("mqtt.ca_file: /x: No such file or directory"), "mqtt.ca_file: /x: No such file or directory", True),
     ],
 )
 def test_describe_failure(exc, detail, lasting):
     assert tls.describe_failure(exc, "mqtt") == tls.Failure(detail, lasting)
+
+
+def test_an_eof_right_after_a_refusal_is_that_refusal():
+    # TLS 1.3: a reset can swallow the alert that refused our certificate; the EOF left is
+    # the same refusal, neither news for the log nor a reason for a quick retry.
+    refused = tls.describe_failure(_ssl_error("TLSV1_ALERT_UNKNOWN_CA"), "mqtt")
+    eof = tls.describe_failure(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), "mqtt")
+    other = tls.describe_failure(_ssl_error("DECRYPTION_FAILED"), "mqtt")
+    assert tls.same_refusal(refused, eof) is refused
+    assert tls.same_refusal(None, eof) is eof  # an EOF alone is the network's
+    assert tls.same_refusal(eof, eof) is eof
+    assert tls.same_refusal(refused, other) is other
+    assert tls.same_refusal(refused, None) is None  # e.g. connection refused: the broker went away
 
 
 @pytest.mark.parametrize("exc", [OSError(111, "Connection refused"), TimeoutError(), ValueError("x")])

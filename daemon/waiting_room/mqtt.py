@@ -228,10 +228,21 @@ class _Client(aiomqtt.Client):
         # paho may call this from the executor thread that connects.
         self._loop.call_soon_threadsafe(register)
 
-    def _tls_refused(self, exc: ssl.SSLError) -> None:
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
+        # aiomqtt ignores a loss before the CONNACK and waits out its 10 s timeout: a broker
+        # that closed on us (restarting, or refusing our certificate) fails the connect now.
+        if not self._connected.done():
+            self._connected.set_exception(aiomqtt.MqttCodeError(reason_code, "Connection lost before CONNACK"))
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+    def _tls_refused(self, exc: OSError) -> None:
         """A TLS 1.3 broker refuses a client certificate after the handshake: paho only logs
         the alert and aiomqtt would wait out its timeout for a CONNACK. Fail the connect now,
-        with the alert as the cause (``tls.describe_failure`` names it)."""
+        with the alert as the cause (``tls.describe_failure`` names it). A reset can swallow
+        the alert: that is an EOF to ``describe_failure`` (and ``tls.same_refusal``)."""
+        if not isinstance(exc, ssl.SSLError):
+            exc = ssl.SSLEOFError(8, f"the server reset the connection: {exc}")
         if not self._connected.done():
             error = aiomqtt.MqttError(f"TLS: {exc.reason or exc}")
             error.__cause__ = exc
@@ -239,7 +250,8 @@ class _Client(aiomqtt.Client):
 
 
 class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """paho's logger; a TLS error it reports from the socket goes to ``on_tls_error`` too."""
+    """paho's logger (with TLS on); a TLS error or reset it reports from the socket goes to
+    ``on_tls_error`` too."""
 
     def __init__(self, logger: logging.Logger, on_tls_error: Any) -> None:
         super().__init__(logger, {})
@@ -247,7 +259,7 @@ class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         for arg in args:
-            if isinstance(arg, ssl.SSLError):
+            if isinstance(arg, (ssl.SSLError, ConnectionResetError)):
                 self.on_tls_error(arg)
                 level = logging.DEBUG  # the publisher logs it once, in its own words
         super().log(level, msg, *args, **kwargs)
@@ -346,6 +358,7 @@ class MqttPublisher:
         self.store.set_component("mqtt", "connecting")
         self.store.set_component("mqtt_node", "none")
         last_lasting: str | None = None
+        last_failure: tls.Failure | None = None
         while True:
             node = nodes[rotation.current]
             where = node_name(node)
@@ -368,6 +381,10 @@ class MqttPublisher:
             except (SecretError, tls.TlsError) as exc:
                 problem = str(exc)
                 failure = tls.describe_failure(exc, "mqtt")
+            if connected_at is None:
+                failure = last_failure = tls.same_refusal(last_failure, failure)
+            else:
+                last_failure = None
             healthy = connected_at is not None and time.monotonic() - connected_at >= STABLE_AFTER
             lasting = failure is not None and failure.lasting
             # A lasting problem shows in /healthz and `systemctl status` too.

@@ -212,6 +212,9 @@ _PEER_REFUSED: Final = {
 }
 
 
+_EOF_DETAIL: Final = "TLS handshake failed: the server closed the connection (EOF)"
+
+
 @dataclass(frozen=True)
 class Failure:
     """``detail``: one line. ``lasting``: a certificate or configuration problem, which a
@@ -219,6 +222,20 @@ class Failure:
 
     detail: str
     lasting: bool
+
+
+def same_refusal(previous: Failure | None, now: Failure | None) -> Failure | None:
+    """The failure to report, given the one before it.
+
+    TLS 1.3 tells a client that its certificate was refused only after the client's own
+    handshake finished, and a reset (the server closed with our first bytes unread) can
+    swallow that alert: the same refusal then arrives as an EOF. Right after a lasting
+    failure, such an EOF is taken for that failure, so it is neither retried quickly nor
+    logged as news; any other failure is reported as itself.
+    """
+    if previous is not None and previous.lasting and now is not None and now.detail == _EOF_DETAIL:
+        return previous
+    return now
 
 
 def _chain(exc: BaseException) -> Iterable[BaseException]:
@@ -247,11 +264,13 @@ def describe_failure(exc: BaseException, section: str = "upstream") -> Failure |
             return Failure(f"TLS certificate not trusted: {reason.rstrip('.')}", True)
     for e in _chain(exc):
         if isinstance(e, ssl.SSLError):
-            reason = e.reason or ""
+            reason = getattr(e, "reason", None) or ""
             if reason in _PEER_REFUSED:
                 return Failure("TLS: " + _PEER_REFUSED[reason].format(section=section), True)
             if reason == "WRONG_VERSION_NUMBER":
                 return Failure("TLS handshake failed: the server does not speak TLS on this port (wrong version number)",
                                True)
+            if isinstance(e, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
+                return Failure(_EOF_DETAIL, False)
             return Failure(f"TLS handshake failed: {_reason(e)}", False)
     return None

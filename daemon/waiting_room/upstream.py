@@ -372,6 +372,7 @@ class Upstream:
         self._session: _Session | None = None
         self._rotation_retry_at = 0.0
         self._last_failure: str | None = None
+        self._last_tls: tls.Failure | None = None  # the last attempt's TLS failure
         # Set by reconfigure(): cuts a backoff pause short, or starts a make-before-break.
         self._reconfigured = asyncio.Event()
         # The fallback (upstream.fallback): the socket's own state, and the poller's.
@@ -525,6 +526,7 @@ class Upstream:
         try:
             ws = await self._open(token)
         except InvalidStatus as exc:
+            self._last_tls = None
             self.attempts["refused"] += 1
             status = exc.response.status_code
             action = action_for_status(status)
@@ -539,7 +541,7 @@ class Upstream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # OSError, timeouts, bad handshakes: the network's problems
-            failure = tls.describe_failure(exc, "upstream")
+            failure = self._last_tls = tls.same_refusal(self._last_tls, tls.describe_failure(exc, "upstream"))
             self.attempts["tls" if failure is not None and failure.lasting else "failed"] += 1
             if failure is not None and failure.lasting:
                 # An untrusted certificate, a refused client certificate, an unusable TLS
@@ -552,6 +554,7 @@ class Upstream:
             self._failed(LinkStatus.DISCONNECTED, detail, delay)
             return None, delay
         self.attempts["connected"] += 1
+        self._last_tls = None
         session = _Session(self, ws, token, loop)
         self._session = session
         session.task = tg.create_task(session.run())
