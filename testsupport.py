@@ -193,10 +193,11 @@ class Broker:
 
     def __init__(self, workdir: Path, *, tuned: bool = False, persistence: bool = False,
                  tls: Issued | None = None, ca: Path | None = None, require_certificate: bool = False,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, extra: str = "") -> None:
         """``tls``: the listener speaks TLS only, with this server certificate; ``ca`` and
         ``require_certificate``: clients must present a certificate issued by that CA.
-        ``users``: name -> password (a mosquitto password file); anonymous clients refused."""
+        ``users``: name -> password (a mosquitto password file); anonymous clients refused.
+        ``extra``: more configuration lines (a bridge's ``connection`` block, say)."""
         self.workdir = workdir
         self.port = free_port()
         self.tuned = tuned
@@ -205,6 +206,7 @@ class Broker:
         self.ca = ca
         self.require_certificate = require_certificate
         self.users = users
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.log_path = workdir / "mosquitto.log"
@@ -239,7 +241,7 @@ class Broker:
             conf += f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 0\n"
         else:
             conf += "persistence false\n"
-        return conf + (self.TUNED if self.tuned else "")
+        return conf + (self.TUNED if self.tuned else "") + self.extra
 
     def start(self) -> None:
         if not os.path.exists(self.exe):

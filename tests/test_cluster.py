@@ -79,6 +79,78 @@ async def test_a_refusing_node_is_skipped_and_a_lost_node_fails_over(sim, two_br
             await wait_store(app, lambda: app.store.components.get("mqtt_node") == node(a.port), timeout=10)
 
 
+# -- a federated topology: a site mosquitto bridged to a central one -----------------------------
+
+
+def bridge_to(central: Broker, site: str) -> str:
+    """The site broker's bridge, as README "Scaling out" gives it: the daemon's topics and its
+    discovery out, Home Assistant's birth message in, the bridge's own state on the central
+    side (``$SYS/broker/connection/<site>-bridge/state``: 1, or 0 by its will when it is lost)."""
+    return (
+        "connection central\n"
+        f"address 127.0.0.1:{central.port}\n"
+        f"remote_clientid {site}-bridge\n"
+        "keepalive_interval 5\n"
+        "restart_timeout 1 2\n"
+        f"topic {BASE}/# out 1\n"
+        "topic homeassistant/# out 1\n"
+        "topic homeassistant/status in 1\n"
+        "notifications true\n"
+    )
+
+
+async def test_a_site_broker_bridged_to_a_central_one(sim, tmp_path):
+    central = Broker(tmp_path / "central-dir")
+    (tmp_path / "central-dir").mkdir()
+    central.start()
+    (tmp_path / "site-dir").mkdir()
+    site = Broker(tmp_path / "site-dir", extra=bridge_to(central, "site-1"))
+    site.start()
+    bridge_state = "$SYS/broker/connection/site-1-bridge/state"
+    daemon = Daemon(tmp_path, "daemon", daemon_config(sim, [node(site.port)], free_port()))
+    try:
+        async with watching(central.port, f"{BASE}/#", "homeassistant/#", bridge_state) as far:
+            daemon.start()
+            # Values, availability and discovery reach the central broker through the bridge.
+            await far.wait_topic(bridge_state, "1", timeout=15)
+            await far.wait_topic(f"{BASE}/status", "online", timeout=15)
+            await far.wait_topic(f"{BASE}/opd-1/patients", "5")
+            await far.wait_for(lambda: sum(t.startswith("homeassistant/") for t in far.last) >= 4, what="discovery")
+            sim.set_queue("opd-1", 7)
+            await far.wait_topic(f"{BASE}/opd-1/patients", "7")
+
+            # Home Assistant's birth message on the central broker reaches the daemon: it
+            # announces its rooms again (after its random delay of up to 5 s).
+            announced = sum(t.startswith("homeassistant/sensor/") for t, _ in far.history)
+            await far.client.publish("homeassistant/status", "online", qos=1)
+            await far.wait_for(
+                lambda: sum(t.startswith("homeassistant/sensor/") for t, _ in far.history) > announced,
+                timeout=15, what="discovery announced again after Home Assistant's birth message")
+
+            # The site broker lost (power cut): the bridge's will says so centrally, while the
+            # daemon's own status there keeps the last value the bridge delivered.
+            assert site.proc is not None
+            site.proc.kill()
+            site.proc.wait()
+            await far.wait_topic(bridge_state, "0", timeout=20)
+            assert far.last[f"{BASE}/status"] == "online"
+            sim.set_queue("opd-1", 8)
+            # Back: the bridge reconnects, the daemon republishes everything through it.
+            site.start()
+            await far.wait_topic(bridge_state, "1", timeout=15)
+            await far.wait_topic(f"{BASE}/opd-1/patients", "8", timeout=15)
+
+            # The daemon itself killed: the site broker publishes its will, carried across.
+            daemon.kill()
+            await far.wait_topic(f"{BASE}/status", "offline", timeout=20)
+    finally:
+        daemon.stop()
+        if daemon.alive():
+            daemon.kill()
+        site.stop()
+        central.stop()
+
+
 # -- a real three-node NATS cluster -------------------------------------------------------------
 
 
