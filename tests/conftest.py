@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import ssl
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 import aiomqtt
 import pytest
@@ -74,6 +75,29 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "", interval: float = 0.05) -> Any:
+    """For what only an outside process shows (a file a sign program writes, a daemon
+    process's /healthz, Home Assistant's REST answers), where there is no event to await:
+    asks ``check`` (plain or async) until its answer is truthy and returns that; an
+    assertion or lookup error from it means "not yet". Fails the test after ``timeout``,
+    naming ``what`` and the last answer."""
+    last: Any = None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            last = check()
+            if inspect.isawaitable(last):
+                last = await last
+        except (AssertionError, LookupError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or check}; last: {last!r}")
+        await asyncio.sleep(interval)
 
 
 class Watcher:

@@ -10,16 +10,15 @@ built first. ``WAITING_ROOM_HA_SCREENSHOT=docs/home-assistant.png`` also saves t
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator
 
 import pytest
 
-from conftest import ROOT, make_config, running
+from conftest import ROOT, eventually, make_config, running
 from testsupport import HomeAssistant, home_assistant_venv
 from waiting_room.simulator import Simulator
 
@@ -79,24 +78,6 @@ async def sim3() -> AsyncIterator[Simulator]:
         await s.stop()
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 20.0) -> Any:
-    """Polls ``check`` until it returns something truthy (Home Assistant has no event we
-    could await from outside short of its websocket subscriptions; its REST answers are cheap)."""
-    last: Any = None
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            last = await check()
-        except (AssertionError, KeyError, LookupError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-        await asyncio.sleep(0.2)
-
-
 class View:
     """Home Assistant's registries and states, read in one go."""
 
@@ -149,7 +130,7 @@ async def test_each_room_is_a_device_in_its_area_with_its_entities(sim3, broker,
                             for room in ids.values() for uid in room.values())
             return v if ok else None
 
-        v = await eventually(all_there, "every room's device, entities and values in Home Assistant")
+        v = await eventually(all_there, what="every room's device, entities and values in Home Assistant", timeout=20, interval=0.2)
 
         # One device for the daemon (the bridge), one per room via it, in its suggested area.
         bridge = v.device(NODE)
@@ -188,7 +169,7 @@ async def test_each_room_is_a_device_in_its_area_with_its_entities(sim3, broker,
             v = await view(ha)
             return (v.state(ids["lab"]["patients"])["state"], v.state(ids["lab"]["now_serving"])["state"]) == ("9", "L-5")
 
-        await eventually(lab_changed, "lab: 9 patients, now serving L-5")
+        await eventually(lab_changed, what="lab: 9 patients, now serving L-5", timeout=20, interval=0.2)
 
         # The feed is lost: every entity of every room is unavailable, never a frozen number;
         # the daemon's own connectivity sensor stays available and says off.
@@ -200,7 +181,7 @@ async def test_each_room_is_a_device_in_its_area_with_its_entities(sim3, broker,
             rooms_down = all(v.state(uid)["state"] == "unavailable" for room in ids.values() for uid in room.values())
             return rooms_down and v.state(f"{NODE}_upstream")["state"] == "off"
 
-        await eventually(all_unavailable, "every room entity unavailable while the feed is down")
+        await eventually(all_unavailable, what="every room entity unavailable while the feed is down", timeout=20, interval=0.2)
         await shoot(ha, tmp_path, "feed-down")
         sim3.refuse(None)
 
@@ -210,7 +191,7 @@ async def test_each_room_is_a_device_in_its_area_with_its_entities(sim3, broker,
                        for uid in room.values())
             return live and v.state(ids["lab"]["patients"])["state"] == "9"
 
-        await eventually(back, "the rooms available again with their values")
+        await eventually(back, what="the rooms available again with their values", timeout=20, interval=0.2)
         await shoot(ha, tmp_path, "dashboard", os.environ.get("WAITING_ROOM_HA_SCREENSHOT"))
 
         # A room taken out of the config: its device and every one of its entities go.
@@ -222,7 +203,7 @@ async def test_each_room_is_a_device_in_its_area_with_its_entities(sim3, broker,
             kept = v.room("opd-1") is not None and v.state(ids["opd-1"]["patients"])["state"] == "5"
             return gone and kept
 
-        await eventually(xray_gone, "the removed room's device gone from Home Assistant")
+        await eventually(xray_gone, what="the removed room's device gone from Home Assistant", timeout=20, interval=0.2)
 
     problems = [line for line in ha.log_text().splitlines()
                 if (" ERROR " in line or "Invalid state" in line or "Template" in line) and "mqtt" in line.lower()]
