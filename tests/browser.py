@@ -184,14 +184,3 @@ async def serving(cfg: Any, rooms: Any, store: Any, **kwargs: Any) -> AsyncItera
         await asyncio.wait({task, ready})
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
-
-
-async def eventually(predicate: Any, timeout: float = 10.0, what: str = "", interval: float = 0.02) -> None:
-    """For what only an outside process shows (a file a sign program writes): checks the
-    condition until a deadline, failing with ``what``."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(interval)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}") from None

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Broker, make_config, running, wait_store
+from conftest import Broker, eventually, make_config, running, wait_store
 from conftest import watching as subscribed
 
 from testsupport import Daemon, NatsCluster, free_port, http_get
@@ -218,17 +218,6 @@ async def health(port: int) -> dict:
     status, _, body = await http_get(port, "/healthz")
     assert status in (200, 503), status
     return json.loads(body)
-
-
-async def eventually(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def daemon_config(sim: Simulator, hosts: list[str], display_port: int) -> dict:

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from browser import eventually, http_get, serving
-from conftest import make_config, running, wait_store
+from browser import http_get, serving
+from conftest import eventually, make_config, running, wait_store
 from waiting_room.config import DisplayConfig, RoomConfig
 from waiting_room.display.signs import SignValues, command_argv
 from waiting_room.model import LinkStatus

@@ -18,9 +18,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 import yaml
-from conftest import Broker, make_config
+from conftest import Broker, eventually, make_config
 
-from browser import eventually, http_get
+from browser import http_get
 from testsupport import Daemon
 from waiting_room import secretfiles, tls
 from waiting_room.app import App
