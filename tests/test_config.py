@@ -414,6 +414,22 @@ def test_empty_token_command():
     assert_one_line(error_of(data), SOURCE, "upstream.token_command:")
 
 
+@pytest.mark.parametrize(
+    ("edits", "key", "secret"),
+    [
+        ([("upstream.proxy", "http://nurse:s3cret-pw@proxy.example:notaport")], "upstream.proxy", "s3cret-pw"),
+        ([("upstream.proxy", "socks5://nurse:s3cret-pw@proxy.example:1080")], "upstream.proxy", "s3cret-pw"),
+        ([("upstream.url", "ftp://queue.example/ws?token=s3cret-tk")], "upstream.url", "s3cret-tk"),
+        ([("upstream.token_file", DELETE), ("upstream.token", 73317331)], "upstream.token", "73317331"),
+        ([("display.access_token", 73317331)], "display.access_token", "73317331"),
+    ],
+)
+def test_a_wrong_value_never_shows_a_secret(edits, key, secret):
+    message = error_of(variant(*edits))
+    assert_one_line(message, SOURCE, key + ":")
+    assert secret not in message
+
+
 def test_a_long_wrong_value_is_shortened():
     message = error_of(variant(("mqtt.host", 12345678901234567890 * 10**80)))
     assert_one_line(message, SOURCE, "mqtt.host:")

@@ -412,6 +412,18 @@ def _dotted(parts: list[str | int]) -> str:
     return out
 
 
+# Keys whose values are secrets: an error names the key, never the value.
+_SECRET_KEYS: Final = frozenset({"token", "access_token", "password"})
+_URL_USERINFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s\"]*@")
+_TOKEN_PARAMETER: Final = re.compile(r"(?i)([?&](?:access_)?token=)[^&#\s\"]*")
+
+
+def _without_secrets(shown: str) -> str:
+    """A value as an error line may show it: no userinfo in a URL (a proxy's password), no
+    token in a query."""
+    return _TOKEN_PARAMETER.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", shown))
+
+
 def _describe(exc: msgspec.ValidationError, data: Any) -> str:
     """msgspec's "Expected `float`, got `str` - at `$.a.b`" -> "a.b: expected a number, got "x"."""
     text = str(exc)
@@ -432,11 +444,15 @@ def _describe(exc: msgspec.ValidationError, data: Any) -> str:
     message = message[0].lower() + message[1:] if message else "invalid value"
     message = re.sub(r", got (a|an|true|nothing) \S.*$", "", message)
     found, value = _lookup(data, path)
-    if found and not isinstance(value, (dict, list)):
+    key = next((p for p in reversed(path) if isinstance(p, str) and p != "..."), "")
+    if found and key in _SECRET_KEYS:
+        pass  # a secret, even a malformed one, is never shown
+    elif found and not isinstance(value, (dict, list)):
         try:
             shown = json.dumps(value, ensure_ascii=False, default=str)
         except ValueError:  # an integer beyond Python's int-to-str limit (4300 digits)
             shown = "a number too long to show"
+        shown = _without_secrets(shown)
         if len(shown) > 60:
             shown = shown[:57] + "..."
         message += f", got {shown}"
