@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -183,3 +184,37 @@ async def test_chromium_refuses_the_pages_without_trust(pki):
                     await page.goto(f"https://127.0.0.1:{svc.port}/rooms/opd-1")
             finally:
                 await browser.close()
+
+
+async def served_serial(port: int, context: ssl.SSLContext) -> int:
+    """The serial number of the certificate the display presents to a new connection."""
+    async with asyncio.timeout(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    try:
+        return int(writer.get_extra_info("ssl_object").getpeercert()["serialNumber"], 16)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_a_renewed_certificate_is_served_after_a_reload(pki, tmp_path, caplog):
+    cert, key = tmp_path / "display.pem", tmp_path / "display.key"
+    shutil.copy(pki.server_chain.cert, cert)
+    shutil.copy(pki.server_chain.key, key)
+    config = DisplayConfig(listen="127.0.0.1:0", cert_file=str(cert), key_file=str(key))  # type: ignore[arg-type]
+    async with serving(config, ROOMS, live_store()) as svc:
+        context = trusting(pki)
+        first = await served_serial(svc.port, context)
+        renewed = pki.ca.issue("server-renewed", chain=True)
+        shutil.copy(renewed.cert, cert)
+        shutil.copy(renewed.key, key)
+        assert await served_serial(svc.port, context) == first  # read at a reload, not by itself
+        await svc.reload_certificate()
+        second = await served_serial(svc.port, context)
+        assert second != first
+        # A broken file in between: the certificate in use stays, and the log says why.
+        key.write_text("not a key\n")
+        await svc.reload_certificate()
+        assert await served_serial(svc.port, context) == second
+        assert any("the certificate in use stays" in r.getMessage() and "display.key_file" in r.getMessage()
+                   for r in caplog.records)

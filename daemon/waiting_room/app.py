@@ -204,8 +204,11 @@ class App:
             self.display = self._display(new)
             if self.display is not None:
                 self._start("display", self.display.run)
-        elif self.display is not None and new.rooms != old.rooms:
-            self.display.update_rooms(new.rooms)
+        elif self.display is not None:
+            if new.rooms != old.rooms:
+                self.display.update_rooms(new.rooms)
+            # The same file names, perhaps a renewed certificate in them.
+            await self.display.reload_certificate()
         if new.log_level != old.log_level:
             logging.getLogger().setLevel(new.log_level.upper())
         new_dir = state_directory(new.state_dir)

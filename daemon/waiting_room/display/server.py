@@ -326,6 +326,21 @@ class DisplayService:
         self._hosts_refused = RateLimitedLog(log)
         self.refused_hosts = 0
 
+    async def reload_certificate(self) -> None:
+        """``systemctl reload`` (what a renewal hook runs): display.cert_file and key_file are
+        read again and serve the handshakes from now on; open connections keep theirs. A
+        file that cannot be used keeps the certificate in use (the reload's check has
+        refused such a config already; this covers a file changed in between)."""
+        if self._tls is None:
+            return
+        try:
+            context = await asyncio.to_thread(tls.display_context, self.cfg)
+        except tls.TlsError as exc:
+            log.error("display: the certificate in use stays: %s", exc)
+            return
+        if context is not None:
+            self._tls.context = context
+
     def update_rooms(self, rooms: Iterable[RoomConfig]) -> None:
         """A reload changed the rooms: pages and ``/ws`` follow at once, and open pages learn
         of added and removed rooms through the store (which the reload has already updated)."""
