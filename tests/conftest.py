@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import ssl
 import sys
@@ -98,6 +99,46 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or check}; last: {last!r}")
         await asyncio.sleep(interval)
+
+
+class LogWatch(logging.Handler):
+    """Every record of a logger (DEBUG and up) while in use; a test awaits a condition on them
+    with a deadline, woken by each new record."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(name)
+        self.records: list[logging.LogRecord] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+
+    async def __aenter__(self) -> "LogWatch":
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self._level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        assert self._loop is not None and self._changed is not None
+        self._loop.call_soon_threadsafe(self._changed.set)
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+        assert self._changed is not None
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            seen = [r.getMessage() for r in self.records][-10:]
+            raise AssertionError(f"timed out waiting for {what or predicate}; last records: {seen}") from None
 
 
 class Watcher:

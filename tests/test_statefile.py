@@ -4,10 +4,10 @@ failed write (full disk, vanished directory) without waiting for the next change
 from __future__ import annotations
 
 import asyncio
-import logging
 import shutil
 from pathlib import Path
 
+from conftest import LogWatch
 from waiting_room.statefile import FILE_NAME, StateFile, load
 from waiting_room.store import RoomStore
 
@@ -31,27 +31,29 @@ async def test_written_after_a_change(tmp_path):
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_a_failed_write_is_retried_without_a_new_change(tmp_path, caplog):
-    caplog.set_level(logging.INFO, "waiting_room.statefile")
+async def test_a_failed_write_is_retried_without_a_new_change(tmp_path):
     directory = tmp_path / "state"
     store = RoomStore([("lab", "Lab")])
     state = StateFile(directory, store, min_interval=0.05)
-    task = asyncio.create_task(state.run())
-    await asyncio.sleep(0)
-    try:
-        store.apply_queue("lab", 1, None, None, 1)
-        await wait_for_file(directory / FILE_NAME, {"lab": 1})
-        # The directory becomes unwritable (as a full disk would: every write fails).
-        shutil.rmtree(directory)
-        directory.write_text("not a directory")
-        store.apply_queue("lab", 2, None, None, 2)
-        async with asyncio.timeout(5):
-            while "cannot write the state file" not in caplog.text:
-                await asyncio.sleep(0.02)
-        directory.unlink()  # room again; no further change arrives
-        await wait_for_file(directory / FILE_NAME, {"lab": 2})
-        assert caplog.text.count("cannot write the state file") == 1  # rate-limited, not per retry
-        assert "written again" in caplog.text
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+
+    def said(words: str) -> int:
+        return sum(words in r.getMessage() for r in logs.records)
+
+    async with LogWatch("waiting_room.statefile") as logs:
+        task = asyncio.create_task(state.run())
+        await asyncio.sleep(0)
+        try:
+            store.apply_queue("lab", 1, None, None, 1)
+            await wait_for_file(directory / FILE_NAME, {"lab": 1})
+            # The directory becomes unwritable (as a full disk would: every write fails).
+            shutil.rmtree(directory)
+            directory.write_text("not a directory")
+            store.apply_queue("lab", 2, None, None, 2)
+            await logs.wait(lambda: said("cannot write the state file") >= 1, 5, "the failed write logged")
+            directory.unlink()  # room again; no further change arrives
+            await wait_for_file(directory / FILE_NAME, {"lab": 2})
+            assert said("cannot write the state file") == 1  # rate-limited, not per retry
+            assert said("written again") == 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
