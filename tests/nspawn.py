@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 SUITE = "bookworm"
 VARIANT = "minbase"
@@ -362,3 +362,29 @@ class Container:
         out = self.run(["systemctl", "show", unit, *(f"--property={p}" for p in props)]).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
+
+def diagnostics(c: Container, unit: str) -> str:
+    """The unit's status and journal, and what else failed: printed when a test fails."""
+    parts = []
+    for argv in (["systemctl", "status", unit, "--no-pager", "-l"],
+                 ["journalctl", "-u", unit, "--no-pager", "-n", "60"],
+                 ["systemctl", "--failed", "--no-pager"]):
+        with contextlib.suppress(Exception):
+            done = c.run(argv, check=False, timeout=10)
+            parts.append(f"$ {' '.join(argv)}\n{done.stdout}{done.stderr}")
+    return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def reporting(c: Container, unit: str, started: float) -> Iterator[dict[str, float]]:
+    """Around a test's phases in ``c``: a dict for their timings, printed at the end (the
+    container tests are the slow part of CI), and ``diagnostics`` printed on a failure."""
+    timings: dict[str, float] = {"boot": time.monotonic() - started}
+    try:
+        yield timings
+    except BaseException:
+        print(diagnostics(c, unit))
+        raise
+    finally:
+        timings["total"] = time.monotonic() - started
+        print("timings:", {k: round(v, 1) for k, v in timings.items()})

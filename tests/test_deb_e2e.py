@@ -37,7 +37,7 @@ import pytest
 import nspawn
 from conftest import ROOT, free_port
 from test_systemd_e2e import (  # noqa: F401  (fixtures, shared with the scripts/install test)
-    TOKEN, UNIT, _unavailable, config_text, debian_root, dependency_wheels, diagnostics,
+    TOKEN, UNIT, _unavailable, config_text, debian_root, dependency_wheels,
     host_services, journal, mqtt_retained, wait_for,
 )
 
@@ -136,7 +136,6 @@ def test_package_contents(debs: dict[str, Path]):
 
 
 def test_install_upgrade_remove_purge(debian_root: Path, debs: dict[str, Path], tmp_path: Path):  # noqa: F811
-    timings: dict[str, float] = {}
     started = time.monotonic()
     folder = debs[VERSION].parent
     binds = [(str(folder), "/debs"), (str(ROOT), "/src")]
@@ -157,117 +156,109 @@ def test_install_upgrade_remove_purge(debian_root: Path, debs: dict[str, Path], 
 
     with host_services(tmp_path) as (sim, broker), nspawn.Container(
         debian_root, name=f"wr-deb-{os.getpid()}", binds=binds, log=tmp_path / "container.log",
-    ) as c:
-        timings["boot"] = time.monotonic() - started
-        try:
-            # -- install: enabled, not started, and told what is left to do -----------------
-            t = time.monotonic()
-            out = apt("install", first)
-            timings["install"] = time.monotonic() - t
-            assert "not started" in out and "upstream-token is empty" in out, out
-            assert "systemctl start waiting-room" in out, out
-            uid = c.run(["id", "-u", "waiting-room"]).stdout.strip()
-            gid = c.run(["id", "-g", "waiting-room"]).stdout.strip()
-            assert 0 < int(uid) < 1000, uid
-            entry = c.run(["getent", "passwd", "waiting-room"]).stdout.strip().split(":")
-            assert entry[5:] == ["/var/lib/waiting-room", "/usr/sbin/nologin"], entry
-            stat = c.run(["stat", "-c", "%a %U:%G", "/etc/waiting-room/config.yaml",
-                          "/etc/waiting-room/upstream-token", "/etc/waiting-room"]).stdout.split("\n")
-            assert stat[:3] == ["640 root:waiting-room", "600 root:root", "750 root:waiting-room"], stat
-            conffiles = c.run(["dpkg-query", "-W", "-f=${Conffiles}", "waiting-room"]).stdout
-            assert "/etc/waiting-room/config.yaml" in conffiles, conffiles
-            assert c.run(["cat", f"/lib/systemd/system/{UNIT}"]).stdout == (ROOT / "systemd" / UNIT).read_text()
-            assert c.run(["systemctl", "is-enabled", UNIT]).stdout.strip() == "enabled"
-            assert c.run(["systemctl", "is-enabled", "waiting-room-kiosk.service"], check=False).stdout.strip() \
-                == "disabled"
-            assert c.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "inactive"
-            assert c.run(["waiting-room", "--version"]).stdout.strip() == f"waiting-room {VERSION}"
-            assert c.run(["/opt/waiting-room/venv/bin/python", "-c", "import systemd.journal"]).returncode == 0
-            # One install path per box: scripts/install refuses to run over the package.
-            refused = c.run(["/src/scripts/install"], check=False)
-            assert refused.returncode != 0 and "Debian package" in refused.stderr, refused.stdout + refused.stderr
+    ) as c, nspawn.reporting(c, UNIT, started) as timings:
+        # -- install: enabled, not started, and told what is left to do -----------------
+        t = time.monotonic()
+        out = apt("install", first)
+        timings["install"] = time.monotonic() - t
+        assert "not started" in out and "upstream-token is empty" in out, out
+        assert "systemctl start waiting-room" in out, out
+        uid = c.run(["id", "-u", "waiting-room"]).stdout.strip()
+        gid = c.run(["id", "-g", "waiting-room"]).stdout.strip()
+        assert 0 < int(uid) < 1000, uid
+        entry = c.run(["getent", "passwd", "waiting-room"]).stdout.strip().split(":")
+        assert entry[5:] == ["/var/lib/waiting-room", "/usr/sbin/nologin"], entry
+        stat = c.run(["stat", "-c", "%a %U:%G", "/etc/waiting-room/config.yaml",
+                      "/etc/waiting-room/upstream-token", "/etc/waiting-room"]).stdout.split("\n")
+        assert stat[:3] == ["640 root:waiting-room", "600 root:root", "750 root:waiting-room"], stat
+        conffiles = c.run(["dpkg-query", "-W", "-f=${Conffiles}", "waiting-room"]).stdout
+        assert "/etc/waiting-room/config.yaml" in conffiles, conffiles
+        assert c.run(["cat", f"/lib/systemd/system/{UNIT}"]).stdout == (ROOT / "systemd" / UNIT).read_text()
+        assert c.run(["systemctl", "is-enabled", UNIT]).stdout.strip() == "enabled"
+        assert c.run(["systemctl", "is-enabled", "waiting-room-kiosk.service"], check=False).stdout.strip() \
+            == "disabled"
+        assert c.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "inactive"
+        assert c.run(["waiting-room", "--version"]).stdout.strip() == f"waiting-room {VERSION}"
+        assert c.run(["/opt/waiting-room/venv/bin/python", "-c", "import systemd.journal"]).returncode == 0
+        # One install path per box: scripts/install refuses to run over the package.
+        refused = c.run(["/src/scripts/install"], check=False)
+        assert refused.returncode != 0 and "Debian package" in refused.stderr, refused.stdout + refused.stderr
 
-            # -- configure and start, as the postinst's message says -------------------------
-            rooms = [{"id": "opd-1", "name": "OPD 1"}, {"id": "lab", "name": "Laboratory"}]
-            config = config_text(sim, broker, display_port, rooms)
-            c.write("/etc/waiting-room/config.yaml", config, mode="0640", owner="root:waiting-room")
-            c.write("/etc/waiting-room/upstream-token", TOKEN + "\n", mode="0600")
-            c.run(["waiting-room", "check", "--config", "/etc/waiting-room/config.yaml"])
-            t = time.monotonic()
-            c.run(["systemctl", "start", UNIT], timeout=60)
-            wait_for("STATUS upstream connected", connected)
-            timings["start"] = time.monotonic() - t
-            status = c.run(["systemctl", "status", UNIT, "--no-pager", "-l"]).stdout
-            assert "Active: active (running)" in status and 'Status: "upstream connected' in status, status
-            pid = c.show(UNIT, "MainPID")["MainPID"]
-            assert c.run(["ps", "-o", "user=", "-p", pid]).stdout.strip() == "waiting-room"
-            wait_for("opd-1 on MQTT", lambda: mqtt_retained(broker, "waiting-room/opd-1/patients"))
-            wait_for("a state file", lambda: c.run(["ls", "/var/lib/waiting-room"]).stdout.strip())
+        # -- configure and start, as the postinst's message says -------------------------
+        rooms = [{"id": "opd-1", "name": "OPD 1"}, {"id": "lab", "name": "Laboratory"}]
+        config = config_text(sim, broker, display_port, rooms)
+        c.write("/etc/waiting-room/config.yaml", config, mode="0640", owner="root:waiting-room")
+        c.write("/etc/waiting-room/upstream-token", TOKEN + "\n", mode="0600")
+        c.run(["waiting-room", "check", "--config", "/etc/waiting-room/config.yaml"])
+        t = time.monotonic()
+        c.run(["systemctl", "start", UNIT], timeout=60)
+        wait_for("STATUS upstream connected", connected)
+        timings["start"] = time.monotonic() - t
+        status = c.run(["systemctl", "status", UNIT, "--no-pager", "-l"]).stdout
+        assert "Active: active (running)" in status and 'Status: "upstream connected' in status, status
+        pid = c.show(UNIT, "MainPID")["MainPID"]
+        assert c.run(["ps", "-o", "user=", "-p", pid]).stdout.strip() == "waiting-room"
+        wait_for("opd-1 on MQTT", lambda: mqtt_retained(broker, "waiting-room/opd-1/patients"))
+        wait_for("a state file", lambda: c.run(["ls", "/var/lib/waiting-room"]).stdout.strip())
 
-            # -- upgrade: config and token kept, restarted on the new version, one user ------
-            t = time.monotonic()
-            out = apt("install", second)
-            timings["upgrade"] = time.monotonic() - t
-            assert "not started" not in out, out
-            assert c.run(["dpkg-query", "-W", "-f=${Version}", "waiting-room"]).stdout == UPGRADE
-            assert c.run(["cat", "/etc/waiting-room/config.yaml"]).stdout == config
-            assert c.run(["cat", "/etc/waiting-room/upstream-token"]).stdout == TOKEN + "\n"
-            assert c.run(["stat", "-c", "%a %U:%G", "/etc/waiting-room/config.yaml", "/etc/waiting-room/upstream-token",
-                          "/etc/waiting-room"]).stdout.split("\n")[:3] == stat[:3]
-            assert c.run(["ls", "/etc/waiting-room"]).stdout.split() == ["config.yaml", "upstream-token"]
-            new = wait_for("a new main PID after the upgrade", lambda: (
-                p := c.show(UNIT, "MainPID", "ActiveState"))["MainPID"] not in ("0", pid)
-                and p["ActiveState"] == "active" and p)
-            wait_for("STATUS upstream connected after the upgrade", connected)
-            cmdline = c.run(["cat", f"/proc/{new['MainPID']}/cmdline"]).stdout.replace("\0", " ")
-            assert "/opt/waiting-room/venv/bin/waiting-room run" in cmdline, cmdline
-            assert c.run(["waiting-room", "--version"]).stdout.strip() == f"waiting-room {UPGRADE}"
-            assert len(owners("waiting-room")) == 2, owners("waiting-room")  # one user, one group
-            assert c.run(["id", "-u", "waiting-room"]).stdout.strip() == uid
-            assert c.run(["systemctl", "is-enabled", UNIT]).stdout.strip() == "enabled"
+        # -- upgrade: config and token kept, restarted on the new version, one user ------
+        t = time.monotonic()
+        out = apt("install", second)
+        timings["upgrade"] = time.monotonic() - t
+        assert "not started" not in out, out
+        assert c.run(["dpkg-query", "-W", "-f=${Version}", "waiting-room"]).stdout == UPGRADE
+        assert c.run(["cat", "/etc/waiting-room/config.yaml"]).stdout == config
+        assert c.run(["cat", "/etc/waiting-room/upstream-token"]).stdout == TOKEN + "\n"
+        assert c.run(["stat", "-c", "%a %U:%G", "/etc/waiting-room/config.yaml", "/etc/waiting-room/upstream-token",
+                      "/etc/waiting-room"]).stdout.split("\n")[:3] == stat[:3]
+        assert c.run(["ls", "/etc/waiting-room"]).stdout.split() == ["config.yaml", "upstream-token"]
+        new = wait_for("a new main PID after the upgrade", lambda: (
+            p := c.show(UNIT, "MainPID", "ActiveState"))["MainPID"] not in ("0", pid)
+            and p["ActiveState"] == "active" and p)
+        wait_for("STATUS upstream connected after the upgrade", connected)
+        cmdline = c.run(["cat", f"/proc/{new['MainPID']}/cmdline"]).stdout.replace("\0", " ")
+        assert "/opt/waiting-room/venv/bin/waiting-room run" in cmdline, cmdline
+        assert c.run(["waiting-room", "--version"]).stdout.strip() == f"waiting-room {UPGRADE}"
+        assert len(owners("waiting-room")) == 2, owners("waiting-room")  # one user, one group
+        assert c.run(["id", "-u", "waiting-room"]).stdout.strip() == uid
+        assert c.run(["systemctl", "is-enabled", UNIT]).stdout.strip() == "enabled"
 
-            # -- remove: stopped and disabled, config and state kept --------------------------
-            t = time.monotonic()
-            apt("remove", "waiting-room")
-            timings["remove"] = time.monotonic() - t
-            props = c.show(UNIT, "ActiveState", "LoadState")
-            assert props == {"ActiveState": "inactive", "LoadState": "not-found"}, props
-            assert c.run(["pgrep", "-u", "waiting-room"], check=False).stdout.strip() == ""
-            assert mqtt_retained(broker, "waiting-room/status") == "offline"  # a clean stop
-            assert c.run(["systemctl", "is-enabled", UNIT], check=False).stdout.strip() != "enabled"
-            assert c.run(["cat", "/etc/waiting-room/config.yaml"]).stdout == config
-            assert c.run(["cat", "/etc/waiting-room/upstream-token"]).stdout == TOKEN + "\n"
-            assert c.run(["ls", "/var/lib/waiting-room"]).stdout.strip()
-            gone = c.run(["ls", "-d", "/opt/waiting-room", "/usr/bin/waiting-room"], check=False)
-            assert gone.returncode != 0 and not gone.stdout.strip(), gone.stdout  # no byte-code left
+        # -- remove: stopped and disabled, config and state kept --------------------------
+        t = time.monotonic()
+        apt("remove", "waiting-room")
+        timings["remove"] = time.monotonic() - t
+        props = c.show(UNIT, "ActiveState", "LoadState")
+        assert props == {"ActiveState": "inactive", "LoadState": "not-found"}, props
+        assert c.run(["pgrep", "-u", "waiting-room"], check=False).stdout.strip() == ""
+        assert mqtt_retained(broker, "waiting-room/status") == "offline"  # a clean stop
+        assert c.run(["systemctl", "is-enabled", UNIT], check=False).stdout.strip() != "enabled"
+        assert c.run(["cat", "/etc/waiting-room/config.yaml"]).stdout == config
+        assert c.run(["cat", "/etc/waiting-room/upstream-token"]).stdout == TOKEN + "\n"
+        assert c.run(["ls", "/var/lib/waiting-room"]).stdout.strip()
+        gone = c.run(["ls", "-d", "/opt/waiting-room", "/usr/bin/waiting-room"], check=False)
+        assert gone.returncode != 0 and not gone.stdout.strip(), gone.stdout  # no byte-code left
 
-            # -- installed again with the config in place: started by the postinst -----------
-            out = apt("install", second)
-            assert "not started" not in out, out
-            wait_for("STATUS upstream connected after the reinstall", connected)
-            assert c.run(["systemctl", "is-enabled", UNIT]).stdout.strip() == "enabled"
+        # -- installed again with the config in place: started by the postinst -----------
+        out = apt("install", second)
+        assert "not started" not in out, out
+        wait_for("STATUS upstream connected after the reinstall", connected)
+        assert c.run(["systemctl", "is-enabled", UNIT]).stdout.strip() == "enabled"
 
-            # -- purge: nothing left behind --------------------------------------------------
-            t = time.monotonic()
-            apt("purge", "waiting-room")
-            timings["purge"] = time.monotonic() - t
-            assert c.run(["dpkg-query", "-W", "-f=${Status}", "waiting-room"], check=False).stdout \
-                in ("", "unknown ok not-installed")
-            assert c.run(["pgrep", "-u", uid], check=False).stdout.strip() == ""
-            assert owners("waiting-room") == []
-            left = c.sh("ls -d /etc/waiting-room /var/lib/waiting-room /var/lib/private/waiting-room "
-                        "/opt/waiting-room /usr/lib/sysusers.d/waiting-room.conf /lib/systemd/system/waiting-room* "
-                        "/etc/systemd/system/*/waiting-room* /etc/systemd/system/waiting-room* "
-                        "/var/lib/systemd/deb-systemd-helper-enabled/*waiting-room* "
-                        "/var/lib/systemd/deb-systemd-helper-enabled/*/waiting-room* 2>/dev/null || true").stdout
-            assert left.strip() == "", left
-            assert "waiting-room" not in c.run(["dpkg-statoverride", "--list"]).stdout
-            owned = c.sh(f"find / -xdev \\( -uid {uid} -o -gid {gid} \\) -print 2>/dev/null | head").stdout
-            assert owned.strip() == "", owned
-            assert not any(TOKEN in str(e) for e in journal(c)), "the token reached the journal"
-        except BaseException:
-            print(diagnostics(c))
-            raise
-        finally:
-            timings["total"] = time.monotonic() - started
-            print("timings:", {k: round(v, 1) for k, v in timings.items()})
+        # -- purge: nothing left behind --------------------------------------------------
+        t = time.monotonic()
+        apt("purge", "waiting-room")
+        timings["purge"] = time.monotonic() - t
+        assert c.run(["dpkg-query", "-W", "-f=${Status}", "waiting-room"], check=False).stdout \
+            in ("", "unknown ok not-installed")
+        assert c.run(["pgrep", "-u", uid], check=False).stdout.strip() == ""
+        assert owners("waiting-room") == []
+        left = c.sh("ls -d /etc/waiting-room /var/lib/waiting-room /var/lib/private/waiting-room "
+                    "/opt/waiting-room /usr/lib/sysusers.d/waiting-room.conf /lib/systemd/system/waiting-room* "
+                    "/etc/systemd/system/*/waiting-room* /etc/systemd/system/waiting-room* "
+                    "/var/lib/systemd/deb-systemd-helper-enabled/*waiting-room* "
+                    "/var/lib/systemd/deb-systemd-helper-enabled/*/waiting-room* 2>/dev/null || true").stdout
+        assert left.strip() == "", left
+        assert "waiting-room" not in c.run(["dpkg-statoverride", "--list"]).stdout
+        owned = c.sh(f"find / -xdev \\( -uid {uid} -o -gid {gid} \\) -print 2>/dev/null | head").stdout
+        assert owned.strip() == "", owned
+        assert not any(TOKEN in str(e) for e in journal(c)), "the token reached the journal"
