@@ -78,6 +78,12 @@ async def sim3() -> AsyncIterator[Simulator]:
         await s.stop()
 
 
+def in_home_assistant(check: Any, what: str) -> Any:
+    """Home Assistant has no event a test could await from outside short of its websocket
+    subscriptions; its REST answers are cheap: asked every 0.2 s, for up to 20 s."""
+    return eventually(check, timeout=20, what=what, interval=0.2)
+
+
 class View:
     """Home Assistant's registries and states, read in one go."""
 
@@ -130,7 +136,7 @@ async def test_each_room_is_a_device_in_its_area_with_its_entities(sim3, broker,
                             for room in ids.values() for uid in room.values())
             return v if ok else None
 
-        v = await eventually(all_there, what="every room's device, entities and values in Home Assistant", timeout=20, interval=0.2)
+        v = await in_home_assistant(all_there, "every room's device, entities and values in Home Assistant")
 
         # One device for the daemon (the bridge), one per room via it, in its suggested area.
         bridge = v.device(NODE)
@@ -169,7 +175,7 @@ async def test_each_room_is_a_device_in_its_area_with_its_entities(sim3, broker,
             v = await view(ha)
             return (v.state(ids["lab"]["patients"])["state"], v.state(ids["lab"]["now_serving"])["state"]) == ("9", "L-5")
 
-        await eventually(lab_changed, what="lab: 9 patients, now serving L-5", timeout=20, interval=0.2)
+        await in_home_assistant(lab_changed, "lab: 9 patients, now serving L-5")
 
         # The feed is lost: every entity of every room is unavailable, never a frozen number;
         # the daemon's own connectivity sensor stays available and says off.
@@ -181,7 +187,7 @@ async def test_each_room_is_a_device_in_its_area_with_its_entities(sim3, broker,
             rooms_down = all(v.state(uid)["state"] == "unavailable" for room in ids.values() for uid in room.values())
             return rooms_down and v.state(f"{NODE}_upstream")["state"] == "off"
 
-        await eventually(all_unavailable, what="every room entity unavailable while the feed is down", timeout=20, interval=0.2)
+        await in_home_assistant(all_unavailable, "every room entity unavailable while the feed is down")
         await shoot(ha, tmp_path, "feed-down")
         sim3.refuse(None)
 
@@ -191,7 +197,7 @@ async def test_each_room_is_a_device_in_its_area_with_its_entities(sim3, broker,
                        for uid in room.values())
             return live and v.state(ids["lab"]["patients"])["state"] == "9"
 
-        await eventually(back, what="the rooms available again with their values", timeout=20, interval=0.2)
+        await in_home_assistant(back, "the rooms available again with their values")
         await shoot(ha, tmp_path, "dashboard", os.environ.get("WAITING_ROOM_HA_SCREENSHOT"))
 
         # A room taken out of the config: its device and every one of its entities go.
@@ -203,7 +209,7 @@ async def test_each_room_is_a_device_in_its_area_with_its_entities(sim3, broker,
             kept = v.room("opd-1") is not None and v.state(ids["opd-1"]["patients"])["state"] == "5"
             return gone and kept
 
-        await eventually(xray_gone, what="the removed room's device gone from Home Assistant", timeout=20, interval=0.2)
+        await in_home_assistant(xray_gone, "the removed room's device gone from Home Assistant")
 
     problems = [line for line in ha.log_text().splitlines()
                 if (" ERROR " in line or "Invalid state" in line or "Template" in line) and "mqtt" in line.lower()]
