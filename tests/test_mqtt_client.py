@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import socket
+import warnings
 
 import aiomqtt
+import pytest
 
 from conftest import make_config, running, wait_store
 
-from waiting_room.mqtt import _Client
+from waiting_room.mqtt import _bounded, _Client
 
 
 async def register_closed_socket(client: aiomqtt.Client) -> list[dict]:
@@ -79,3 +82,17 @@ async def test_write_now_writes_in_this_pass_and_leaves_no_writer_behind(broker,
             await asyncio.sleep(0)
         assert not writer_registered(sock)
         await watcher.wait_topic("write-now/b", "2")
+
+
+async def test_an_operation_on_a_lost_connection_is_refused_without_a_stray_coroutine():
+    client = _Client("127.0.0.1", 1)
+    client._disconnected.set_exception(aiomqtt.MqttError("gone"))
+    client._disconnected.exception()  # retrieved: this test is about the coroutine
+    publishing = client.publish("waiting-room/status", "online")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine ... was never awaited" would be a RuntimeWarning
+        with pytest.raises(aiomqtt.MqttError, match="the broker connection is lost"):
+            await _bounded(client, publishing, "publish")
+        assert inspect.getcoroutinestate(publishing) == inspect.CORO_CLOSED
+        del publishing
+        gc.collect()

@@ -15,6 +15,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Coroutine
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Final, Iterable
 
@@ -84,6 +85,8 @@ async def _bounded(client: aiomqtt.Client, awaitable: Awaitable[None], what: str
     """
     lost = client._disconnected
     if lost.done():
+        if isinstance(awaitable, Coroutine):
+            awaitable.close()  # never started: no "coroutine was never awaited" warning
         raise aiomqtt.MqttError(f"{what}: the broker connection is lost")
     loop = asyncio.get_running_loop()
     try:
