@@ -79,6 +79,31 @@ async def test_a_refusing_node_is_skipped_and_a_lost_node_fails_over(sim, two_br
             await wait_store(app, lambda: app.store.components.get("mqtt_node") == node(a.port), timeout=10)
 
 
+async def test_a_node_that_never_answers_the_connect_is_left_after_connect_timeout(sim, broker):
+    """A cluster node during a re-election takes the TCP connection and the CONNECT and says
+    nothing: here a listener that accepts and stays silent."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    dead = server.sockets[0].getsockname()[1]
+    config = make_config(sim.url, 1883, mqtt={"hosts": [node(dead), node(broker.port)], "connect_timeout": 0.5,
+                                              "backoff": {"initial": 0.05, "max": 0.3}})
+    try:
+        async with running(config) as app:
+            started = time.monotonic()
+            await wait_store(app, lambda: app.store.components.get("mqtt_node") == node(broker.port), timeout=5)
+            assert accepted, "the silent node was tried first"
+            assert time.monotonic() - started < 3  # its 0.5 s, not aiomqtt's 10 s
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 # -- a federated topology: a site mosquitto bridged to a central one -----------------------------
 
 

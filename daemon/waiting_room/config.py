@@ -234,6 +234,9 @@ class MqttConfig(_Strict):
     # The nodes of a clustered broker, ["host:port", ...], instead of host and port: the
     # first that answers is used; when it is lost the daemon tries the next, then around.
     hosts: Annotated[list[str], msgspec.Meta(max_length=100)] | None = None
+    # A node that takes the TCP connection but does not answer the CONNECT (a cluster node
+    # during a re-election) is left after this long, for the next one.
+    connect_timeout: Seconds = Seconds(10.0)
 
     def __post_init__(self) -> None:
         if self.hosts is not None:

@@ -345,7 +345,7 @@ class MqttPublisher:
             keepalive=self.cfg.keepalive,
             will=aiomqtt.Will(self.status_topic, "offline", qos=1, retain=True),
             tls_context=context,
-            timeout=10,
+            timeout=float(self.cfg.connect_timeout),
             # A fresh connection without it stalls ~40 ms on delayed ACKs for small packets.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             logger=logging.getLogger("waiting_room.mqtt.client"),
