@@ -17,6 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from browser import CHROMIUM, CHROMIUM_ARGS, http_get, require_browser, serving, wait_patients, wait_state
+from conftest import eventually
 from waiting_room import tls
 from waiting_room.config import DisplayConfig, RoomConfig
 from waiting_room.model import LinkStatus
@@ -79,9 +80,10 @@ async def test_plain_http_on_the_https_port_is_refused_counted_and_logged(pki, c
         async def failures() -> int:
             return json.loads((await http_get(svc.port, "/healthz", ssl=context))[2])["tls"]["failed_handshakes"]
 
-        async with asyncio.timeout(5):
-            while await failures() < 1:
-                await asyncio.sleep(0.02)
+        async def failed_once() -> bool:
+            return await failures() >= 1
+
+        await eventually(failed_once, 5, "the failed handshake counted")
         assert any("TLS handshake with 127.0.0.1 failed: HTTP_REQUEST (a page opened with http:// on the https:// "
                    "port?)" in r.getMessage() for r in caplog.records)
 
@@ -98,16 +100,15 @@ async def test_tls_connections_are_counted_from_the_accept(pki):
 
         assert await open_now() == 0
         idle = [await asyncio.open_connection("127.0.0.1", svc.port) for _ in range(5)]
-        async with asyncio.timeout(5):
-            while await open_now() != 5:
-                await asyncio.sleep(0.02)
+        async def counted(n: int) -> bool:
+            return await open_now() == n
+
+        await eventually(lambda: counted(5), 5, "5 idle connections counted")
         doc = json.loads((await http_get(svc.port, "/healthz", ssl=context))[2])
         assert doc["tls"]["handshakes"] == 5
         for _, writer in idle:
             writer.transport.abort()
-        async with asyncio.timeout(5):
-            while await open_now() != 0:
-                await asyncio.sleep(0.02)
+        await eventually(lambda: counted(0), 5, "the aborted connections no longer counted")
 
 
 def _status(*args: str) -> subprocess.CompletedProcess[str]:

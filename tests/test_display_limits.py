@@ -15,14 +15,13 @@ import os
 import resource
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from browser import serving
-from conftest import ROOT, daemon_command, free_port, write_config
+from conftest import ROOT, daemon_command, eventually, free_port, write_config
 from testsupport import http_get
 from waiting_room.config import DisplayConfig, RoomConfig
 from waiting_room.display import limits
@@ -153,14 +152,6 @@ def test_loop_errors_are_logged_once_per_kind_and_interval(caplog):
 # -- the display service over real sockets -----------------------------------------------
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 UPGRADE = (
     "GET /ws{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -231,7 +222,7 @@ async def test_screens_beyond_the_limits_get_503_with_retry_after():
         assert doc["limits"]["max_clients"] == 4 and doc["limits"]["max_clients_per_address"] == 2
         # A screen that leaves gives its slot back.
         held.pop(0).close()
-        await until(lambda: svc.limits.clients == 3, "the closed screen's slot to be given back")
+        await eventually(lambda: svc.limits.clients == 3, what="the closed screen's slot to be given back")
         again = await Screen().open(port, "127.0.0.2")
         held.append(again)
         assert again.status == 101
@@ -263,7 +254,7 @@ async def test_idle_connections_from_one_address_are_refused_at_once_and_healthz
             for _, writer in idle:
                 writer.transport.abort()
         # ... and answered again once it lets go.
-        await until(lambda: svc.limits.open == 0, "the idle connections to be closed")
+        await eventually(lambda: svc.limits.open == 0, what="the idle connections to be closed")
         status, headers, body = await http_get(port, "/healthz", source="127.0.0.2")
         assert headers["content-type"] == "application/json"
 
@@ -277,7 +268,7 @@ async def test_when_every_slot_is_held_healthz_still_answers_and_nothing_else_do
         idle = [await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.{i // 8 + 1}.{i % 8 + 1}", 0))
                 for i in range(full)]
         try:
-            await until(lambda: svc.limits.open == full, "the flood to be counted")
+            await eventually(lambda: svc.limits.open == full, what="the flood to be counted")
             status, headers, body = await http_get(port, "/healthz", source="127.0.0.9")
             assert status == 503 and headers["content-type"] == "application/json"  # 503: no upstream here
             assert json.loads(body)["open_connections"] == full + 1
@@ -294,7 +285,7 @@ async def test_the_event_loop_handler_is_installed_while_the_daemon_runs(sim, br
     loop = asyncio.get_running_loop()
     before = loop.get_exception_handler()
     async with running(make_config(sim.url, broker.port)):
-        await until(lambda: isinstance(loop.get_exception_handler(), LoopExceptionLog), "App.run to install it")
+        await eventually(lambda: isinstance(loop.get_exception_handler(), LoopExceptionLog), what="App.run to install it")
     assert loop.get_exception_handler() is before
 
 

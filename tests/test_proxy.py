@@ -6,15 +6,13 @@ the daemon's requests went through it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from conftest import make_config, running
+from conftest import eventually, make_config, running
 
 from testsupport import Tinyproxy
 from waiting_room.simulator import SNAPSHOT_PATH
@@ -56,15 +54,13 @@ def strict_proxy(tmp_path: Path) -> Iterator[Tinyproxy]:
 
 
 async def wait_log(proxy: Tinyproxy, predicate: Callable[[list[str]], bool], timeout: float = 5.0) -> list[str]:
-    """The proxy's log as it grows (it is a file: looked at every 20 ms, up to a deadline)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """The proxy's log once ``predicate`` holds for it (a file: looked at every 20 ms)."""
+
+    def logged() -> list[str] | None:
         requests = proxy.requests()
-        if predicate(requests):
-            return requests
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the proxy never logged what was expected: {requests}")
-        await asyncio.sleep(0.02)
+        return requests if predicate(requests) else None
+
+    return await eventually(logged, timeout, "the proxy's log to show what was expected", interval=0.02)
 
 
 def state(watcher, room: str) -> dict:

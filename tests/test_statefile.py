@@ -7,15 +7,14 @@ import asyncio
 import shutil
 from pathlib import Path
 
-from conftest import LogWatch
+from conftest import LogWatch, eventually
 from waiting_room.statefile import FILE_NAME, StateFile, load
 from waiting_room.store import RoomStore
 
 
 async def wait_for_file(path: Path, patients: dict[str, int], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while {s.room: s.patients for s in load(path)} != patients:
-            await asyncio.sleep(0.02)  # polling a file: there is no event to await
+    """A file: there is no event to await."""
+    await eventually(lambda: {s.room: s.patients for s in load(path)} == patients, timeout, f"{patients} in {path}")
 
 
 async def test_written_after_a_change(tmp_path):
