@@ -111,3 +111,27 @@ def test_the_fleet_is_measured_at_the_returning_server_and_on_real_sockets(smoke
     assert {(1006, 10.0), (1012, 1.0), (1001, 10.0)} <= cases
     real = smoke["results"]["fleet_real"]
     assert real["all_back"] and real["reconnected"] == real["clients"], real
+
+
+@pytest.mark.timeout(120)
+def test_the_capacity_scenario_runs_at_toy_size(tmp_path: Path) -> None:
+    """``bench/run capacity --smoke`` (issue 14): 3 sites x 4 rooms on a 3-node NATS cluster
+    (when nats-server is installed) and on mosquitto, every figure present, every value right.
+    About 15 s; never part of ``bench --smoke``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "daemon"), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-m", "bench", "capacity", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, f"capacity --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    (path,) = tmp_path.glob("capacity-*-smoke.json")
+    doc = json.loads(path.read_text())
+    assert doc["complete"] and doc["machine"]["cores"], doc.get("runs")
+    assert {r["broker"] for r in doc["runs"]} >= {"mosquitto"}
+    for run in doc["runs"]:
+        assert run["ready"]["all_online_with_values_s"] is not None and run["ready"]["discovery_missing"] == 0
+        assert run["latency"]["n"] > 0 and run["latency"]["p99"] is not None
+        assert run["latency"]["never_received"] == 0
+        assert run["finals"]["live_wrong"] == 0 and run["finals"]["retained_wrong_any_node"] == 0
+        for role in ("daemons", "broker", "sender", "subscribers"):
+            assert run["steady"]["cpu"][role]["per_process"], role
+        assert run["steady"]["memory"]["daemons"]["rss_median"] > 0
+    assert "p50 / p99" in done.stdout
