@@ -234,7 +234,8 @@ class _Client(aiomqtt.Client):
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
         # aiomqtt ignores a loss before the CONNACK and waits out its 10 s timeout: a broker
         # that closed on us (restarting, or refusing our certificate) fails the connect now.
-        if not self._connected.done():
+        failed = getattr(reason_code, "is_failure", bool(reason_code))  # not our own disconnect
+        if failed and not self._connected.done():
             self._connected.set_exception(aiomqtt.MqttCodeError(reason_code, "Connection lost before CONNACK"))
             return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
