@@ -171,12 +171,41 @@ class Procs:
         return out
 
 
+def dechunk(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body (nats-server's monitoring port answers so) as plain bytes."""
+    out, rest = bytearray(), body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        except ValueError:
+            return body  # not chunked after all
+        if size == 0:
+            break
+        out += rest[:size]
+        rest = rest[size + 2:]
+    return bytes(out)
+
+
 def spread(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"min": None, "median": None, "max": None}
     med = median(values)
     return {"min": round(min(values), 2), "median": None if med is None else round(med, 2),
             "max": round(max(values), 2)}
+
+
+async def connect_probe(probe: Probe, port: int, name: str, filters: list[str], tries: int = 6) -> None:
+    """A fresh NATS cluster creates its MQTT streams (replicated on three nodes) at the first
+    MQTT connect, which may take longer than the probe's 5 s for CONNACK: tried again."""
+    for attempt in range(tries):
+        try:
+            await probe.call("connect", host="127.0.0.1", port=port, client_id=name, filters=filters)
+            return
+        except RuntimeError:
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(1)
 
 
 # -- one broker's run ---------------------------------------------------------------------------
@@ -259,16 +288,14 @@ class Run:
             port = self.nodes[k % len(self.nodes)]
             sites = [i for i in range(self.plan.sites) if self.subscriber_of(i) == k]
             filters = [f"{base_topic(i)}/+/patients" for i in sites] + [f"{base_topic(i)}/status" for i in sites]
-            await probe.call("connect", host="127.0.0.1", port=port, client_id=f"cap-probe-{k}",
-                             filters=filters or ["cap/none"])
+            await connect_probe(probe, port, f"cap-probe-{k}", filters or ["cap/none"])
             await probe.call("record", on=True)
             self.probes.append(probe)
             self.procs.add("subscribers", f"probe-{k}", probe.pid)
         # Discovery is watched on the last node (never the first node of a third of the fleet).
         self.discovery = Probe("mqtt")
         await self.discovery.start()
-        await self.discovery.call("connect", host="127.0.0.1", port=self.nodes[-1], client_id="cap-probe-discovery",
-                                  filters=["homeassistant/#"])
+        await connect_probe(self.discovery, self.nodes[-1], "cap-probe-discovery", ["homeassistant/#"])
         self.procs.add("subscribers", "probe-discovery", self.discovery.pid)
 
     # -- the fleet's start -----------------------------------------------------------------
@@ -423,14 +450,14 @@ class Run:
         for i, port in enumerate(self.cluster.http_ports):
             node: dict[str, Any] = {}
             with contextlib.suppress(OSError, TimeoutError, ValueError):
-                _, _, body = await http_get(port, "/varz", timeout=5)
-                v = json.loads(body)
+                _, headers, body = await http_get(port, "/varz", timeout=5)
+                v = json.loads(dechunk(body) if "chunked" in headers.get("transfer-encoding", "") else body)
                 node["varz"] = {k: v.get(k) for k in ("connections", "total_connections", "in_msgs", "out_msgs",
                                                       "in_bytes", "out_bytes", "mem", "cpu", "slow_consumers",
                                                       "subscriptions")}
             with contextlib.suppress(OSError, TimeoutError, ValueError):
-                _, _, body = await http_get(port, "/jsz?streams=true", timeout=5)
-                j = json.loads(body)
+                _, headers, body = await http_get(port, "/jsz?accounts=true&streams=true", timeout=5)
+                j = json.loads(dechunk(body) if "chunked" in headers.get("transfer-encoding", "") else body)
                 streams = []
                 for acc in j.get("account_details") or []:
                     for s in acc.get("stream_detail") or []:
@@ -555,8 +582,10 @@ class Run:
                 "sends": len(steady_sends), "rate_achieved": round(len(steady_sends) / ((t_steady1 - t_steady0) / 1e9), 1),
                 "unsendable": self.unsendable,
             }
-            if stats_before is not None:
-                self.result["nats"] = {"before_steady": stats_before, "after_steady": stats_after}
+            if stats_before is not None and stats_after is not None:
+                self.result["nats"] = {"before_steady": stats_before, "after_steady": stats_after,
+                                       "steady": nats_delta(stats_before, stats_after, len(steady_sends),
+                                                            (t_steady1 - t_steady0) / 1e9)}
             self.log(f"steady: machine {self.result['steady']['cpu']['machine']}")
 
             # Latency: every send of the steady period against its receipt.
@@ -642,6 +671,39 @@ class Run:
             self.broker.stop()
 
 
+def nats_delta(a: dict[str, Any], b: dict[str, Any], changes: int, seconds: float) -> dict[str, Any]:
+    """What the steady period cost inside the cluster: NATS messages in and out of every node
+    (client, route and JetStream traffic together) and the writes to the retained stream
+    (each retained MQTT publish is a new message of ``$MQTT_rmsgs``, the room's previous one
+    deleted), per change."""
+    out: dict[str, Any] = {}
+    in_msgs = out_msgs = 0
+    for n in b:
+        va, vb = a.get(n, {}).get("varz") or {}, b[n].get("varz") or {}
+        if va and vb:
+            in_msgs += vb["in_msgs"] - va["in_msgs"]
+            out_msgs += vb["out_msgs"] - va["out_msgs"]
+    out["nats_msgs_in_per_s"] = round(in_msgs / seconds)
+    out["nats_msgs_out_per_s"] = round(out_msgs / seconds)
+    out["nats_msgs_in_per_change"] = round(in_msgs / changes, 1) if changes else None
+
+    def rmsgs(stats: dict[str, Any]) -> dict[str, Any] | None:
+        for node in stats.values():
+            for stream in node.get("streams") or []:
+                if stream["name"] == "$MQTT_rmsgs":
+                    return stream
+        return None
+
+    ra, rb = rmsgs(a), rmsgs(b)
+    if ra and rb and ra.get("last_seq") is not None and rb.get("last_seq") is not None:
+        writes = rb["last_seq"] - ra["last_seq"]
+        out["retained_writes_per_s"] = round(writes / seconds)
+        out["retained_writes_per_change"] = round(writes / changes, 2) if changes else None
+        out["retained_messages_held"] = rb.get("messages")
+        out["retained_stream_leader"] = rb.get("leader")
+    return out
+
+
 # -- the table ----------------------------------------------------------------------------------
 
 
@@ -694,15 +756,23 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             out.append(("daemon RSS MB min / median / max",
                         f"{_f(dm.get('rss_min'), 1)} / {_f(dm.get('rss_median'), 1)} / {_f(dm.get('rss_max'), 1)}"))
             out.append(("broker RSS MB per node", ", ".join(_f(v, 1) for v in bm.get("rss_mb", {}).values())))
+            nd = result.get("nats", {}).get("steady")
+            if nd:
+                out.append(("NATS: retained-stream writes/s (per change); NATS msgs in/s",
+                            f"{_f(nd.get('retained_writes_per_s'))} ({_f(nd.get('retained_writes_per_change'))}); "
+                            f"{_f(nd.get('nats_msgs_in_per_s'))}"))
             out.append(("changes sent in the steady period (rate)",
                         f"{_f(ph.get('sends'))} ({_f(ph.get('rate_achieved'), 1)}/s)"))
     return out
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    columns = [rows(r) for r in results]
+    columns = [dict(rows(r)) for r in results]
+    names: list[str] = []
+    for c in columns:
+        names += [n for n in c if n not in names]
     heads = ["metric"] + [r["broker"] + ("" if r.get("complete") else " (INCOMPLETE)") for r in results]
-    body = [[name] + [c[i][1] if i < len(c) else "-" for c in columns] for i, (name, _) in enumerate(columns[0])]
+    body = [[name] + [c.get(name, "-") for c in columns] for name in names]
     widths = [max(len(x[k]) for x in [heads, *body]) for k in range(len(heads))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in body]
