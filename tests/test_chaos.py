@@ -1,6 +1,6 @@
 """CI's short chaos run: bench/chaos with a fixed seed, every invariant checked after each round.
 
-The long run and the soak are run by hand (README, "Chaos and soak"); this one keeps the runner
+The long run and the soak are run by hand (docs/chaos/README.md); this one keeps the runner
 and the daemon's fault handling from rotting. A failing seed replays the same faults.
 """
 
