@@ -4,7 +4,7 @@ Against real brokers on loopback ports: two mosquittos as two "nodes" (no shared
 daemon's full republish after each connect is what fills the new one), and a real three-node
 NATS cluster with its MQTT gateway (JetStream on, MQTT streams replicated on all three), the
 daemon as a separate process, subscribers on other nodes. NATS's own limits, found here and
-written down in the README ("Scaling out"): a node that dies takes the wills of its clients
+written down in docs/scaling.md: a node that dies takes the wills of its clients
 with it (no other node publishes them), and ``#`` also matches NATS's ``$MQTT/...`` topics.
 """
 
@@ -108,7 +108,7 @@ async def test_a_node_that_never_answers_the_connect_is_left_after_connect_timeo
 
 
 def bridge_to(central: Broker, site: str) -> str:
-    """The site broker's bridge, as README "Scaling out" gives it: the daemon's topics and its
+    """The site broker's bridge, as docs/scaling.md gives it: the daemon's topics and its
     discovery out, Home Assistant's birth message in, the bridge's own state on the central
     side (``$SYS/broker/connection/<site>-bridge/state``: 1, or 0 by its will when it is lost)."""
     return (
@@ -205,7 +205,7 @@ async def retained(port: int, quiet: float = 1.0, limit: float = 10.0) -> dict[s
     """What a new subscriber on this node is given: every retained topic of the daemon and
     of discovery, collected until ``quiet`` seconds pass without one. One client per filter:
     nats-server 2.9.10 often gives a client that subscribes to two filters (in one SUBSCRIBE
-    or two) the retained messages of only one of them (seen here; README, "Scaling out")."""
+    or two) the retained messages of only one of them (seen here; docs/scaling.md)."""
     found: dict[str, str] = {}
     for topic in (f"{BASE}/#", "homeassistant/#"):
         async with watching(port, topic) as w:
