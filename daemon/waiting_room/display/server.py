@@ -208,12 +208,14 @@ class _Connection(ServerConnection):
             return
         self._made = True
         Connection.connection_made(self, transport)  # no handshake: answered and closed now
-        assert isinstance(transport, asyncio.WriteTransport)
+        # A stream transport: asyncio's is a WriteTransport, uvloop's TCPTransport is not a
+        # subclass of it (an isinstance check would refuse it) but has the same methods.
+        stream: Any = transport
         if self.handshakes is not None:
-            transport.abort()  # no TLS handshake spent on it: a TLS client sees a reset
+            stream.abort()  # no TLS handshake spent on it: a TLS client sees a reset
         else:
-            transport.write(_REFUSALS[reason])
-            transport.close()
+            stream.write(_REFUSALS[reason])
+            stream.close()
         self.on_refused(reason, self.address)
 
     async def _start_tls(self, transport: asyncio.BaseTransport) -> None:
