@@ -16,7 +16,6 @@ from browser import (
     BENGALI_FONT_DIR,
     assert_fits,
     chromium,
-    eventually,
     layout_report,
     patients_text,
     platform_fonts,
@@ -25,7 +24,7 @@ from browser import (
     wait_patients,
     wait_state,
 )
-from conftest import daemon_command, make_config, running, wait_store, write_config
+from conftest import daemon_command, eventually, make_config, running, wait_store, write_config
 from waiting_room.display import PageOptions
 
 # Short page timings so that outages and recoveries take fractions of a second.
