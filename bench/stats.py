@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-PACKAGES = ("waiting-room", "websockets", "aiomqtt", "paho-mqtt", "msgspec", "backoff", "PyYAML",
+PACKAGES = ("waiting-room", "websockets", "aiomqtt", "paho-mqtt", "msgspec", "backoff", "PyYAML", "uvloop",
             "py-spy", "pyinstrument")
 
 

@@ -269,10 +269,10 @@ class Suite:
         # daemon's dependencies, measured now.
         result["floor_python_start_ms"] = _time_cmd([sys.executable, "-c", "pass"], s.floor_runs)
         result["floor_import_deps_ms"] = _time_cmd(
-            [sys.executable, "-c", "import asyncio, websockets.asyncio.client, aiomqtt, msgspec, yaml, backoff"], s.floor_runs)
+            [sys.executable, "-c", "import asyncio, websockets.asyncio.client, aiomqtt, msgspec, yaml, backoff, uvloop"], s.floor_runs)
         result["floor_python_rss_kb"] = _rss_of([sys.executable, "-c", "import time; time.sleep(1)"])
         result["floor_deps_rss_kb"] = _rss_of([sys.executable, "-c",
-            "import asyncio, websockets.asyncio.client, websockets.asyncio.server, aiomqtt, msgspec, yaml, backoff, time; time.sleep(1)"])
+            "import asyncio, websockets.asyncio.client, websockets.asyncio.server, aiomqtt, msgspec, yaml, backoff, uvloop, time; time.sleep(1)"])
         self.results["footprint"] = result
         f = result
         self.row("footprint", "RSS at rest, 10 rooms", f["rss_kb"] / 1024, "MB",

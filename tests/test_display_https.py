@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import uvloop
 from websockets.asyncio.client import connect
 
 from browser import CHROMIUM, CHROMIUM_ARGS, http_get, require_browser, serving, wait_patients, wait_state
@@ -24,6 +25,7 @@ from waiting_room.model import LinkStatus
 from waiting_room.store import RoomStore
 
 ROOT = Path(__file__).resolve().parent.parent
+
 ROOMS = [RoomConfig(id="opd-1", name="OPD 1"), RoomConfig(id="lab", name="Laboratory")]
 
 
@@ -219,3 +221,13 @@ async def test_a_renewed_certificate_is_served_after_a_reload(pki, tmp_path, cap
         assert await served_serial(svc.port, context) == second
         assert any("the certificate in use stays" in r.getMessage() and "display.key_file" in r.getMessage()
                    for r in caplog.records)
+
+
+@pytest.mark.parametrize("scenario", [test_pages_ws_and_healthz_over_https,
+                                      test_a_client_that_does_not_trust_the_certificate_gets_nothing,
+                                      test_tls_connections_are_counted_from_the_accept])
+def test_the_same_on_uvloop(pki, scenario):
+    """The daemon runs on uvloop, which reads an accepted connection as soon as
+    ``connection_made`` returns: the TLS upgrade must have taken it by then."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(scenario(pki), 60))

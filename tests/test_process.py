@@ -134,3 +134,45 @@ async def test_status_command_summarises_a_running_daemon(sim, broker, watcher):
                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = await proc.communicate()
     assert proc.returncode == 3 and b"unreachable" in err
+
+
+async def test_the_daemon_runs_on_uvloop_and_a_sighup_reloads(sim, broker, watcher, tmp_path):
+    # The run command's loop (cli.event_loop_factory): uvloop, a dependency. Its signal
+    # handlers, the paho socket's add_reader/add_writer, to_thread and the fast paths work on it.
+    config = write_config(tmp_path, sim, broker, rooms=[{"id": "opd-1", "name": "OPD 1"}])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "daemon")}
+    proc = await asyncio.create_subprocess_exec(
+        *daemon_command("run", "--config", config, "--log-level", "debug"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        await watcher.wait_topic("waiting-room/opd-1/patients", "5")
+        sim.set_queue("opd-1", 9)
+        await watcher.wait_topic("waiting-room/opd-1/patients", "9")
+        write_config(tmp_path, sim, broker)  # adds the lab
+        proc.send_signal(signal.SIGHUP)
+        await watcher.wait_topic("waiting-room/lab/patients", "2")
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(5):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = err.decode()
+    assert proc.returncode == 0 and "Traceback" not in text, text[-3000:]
+    assert "event loop: uvloop" in text, text[-3000:]
+    assert "reload: rooms added" in text, text[-3000:]
+
+
+def test_without_uvloop_the_standard_event_loop_runs(monkeypatch, caplog):
+    import logging
+    import sys
+
+    from waiting_room.cli import event_loop_factory
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    with caplog.at_level(logging.DEBUG, logger="waiting_room.cli"):
+        assert event_loop_factory() is None
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+    assert "standard asyncio event loop" in caplog.text

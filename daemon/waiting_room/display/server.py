@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import ssl
 import time
+from asyncio import sslproto
 from functools import partial
 from typing import Any, Awaitable, Callable, Final, Iterable, Mapping
 from urllib.parse import parse_qs, urlsplit
@@ -140,19 +141,38 @@ _REFUSALS: Final = {reason: _canned_refusal(reason) for reason in limits.REASON_
 
 
 class _TlsHandshakes:
-    """The TLS handshakes under way (display.cert_file): each is a task owned here, cancelled
-    when the service stops; failures are logged once a minute with a count."""
+    """The TLS handshakes under way (display.cert_file), each a waiter owned here and aborted
+    when the service stops; failures are logged once a minute with a count.
+
+    A connection is upgraded in its own ``connection_made``, before the loop reads a byte
+    from it: asyncio's ``SSLProtocol`` takes the transport there and then, which is what
+    ``loop.start_tls`` does a loop turn later (and too late on uvloop, which starts reading an
+    accepted connection as soon as ``connection_made`` returns)."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.context = context
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.pending: dict[asyncio.Future[None], asyncio.BaseTransport] = {}
         self.failures = 0
         self._log = RateLimitedLog(log)
 
-    def start(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name="display-tls-handshake")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    def upgrade(self, connection: _Connection, transport: asyncio.BaseTransport) -> None:
+        """TLS from the first byte: ``connection.connection_made`` is called again, with the
+        secure transport, once the handshake is done; ``connection.tls_failed`` if it fails."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        secure = sslproto.SSLProtocol(loop, connection, self.context, done, server_side=True,
+                                      ssl_handshake_timeout=OPEN_TIMEOUT)
+        transport.set_protocol(secure)
+        secure.connection_made(transport)
+        self.pending[done] = transport
+        done.add_done_callback(partial(self._ended, connection))
+
+    def _ended(self, connection: _Connection, done: asyncio.Future[None]) -> None:
+        self.pending.pop(done, None)
+        exc = None if done.cancelled() else done.exception()
+        if exc is not None:  # the connection is closed (SSLProtocol has closed it)
+            connection.tls_failed()
+            self.failed(connection.address, exc)
 
     def failed(self, address: str, exc: BaseException) -> None:
         """A TLS error is counted and logged; a client that just went away is not news."""
@@ -164,18 +184,19 @@ class _TlsHandshakes:
         self._log.warning("display: TLS handshake with %s failed: %s%s", address, reason, hint)
 
     def cancel(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
+        """The service stops: no page behind these yet."""
+        for transport in list(self.pending.values()):
+            transport.abort()
 
 
 class _Connection(ServerConnection):
     """Counts itself from accept to close (every state: before its request, pages, screens),
-    and refuses itself at once, before any handshake task exists, when over the limits.
+    and refuses itself at once, before any handshake is spent on it, when over the limits.
 
     With TLS, the connection is counted from the TCP accept too, then upgraded here
-    (``loop.start_tls``) rather than by the server socket: a client that never finishes its
-    TLS handshake holds a counted descriptor for at most ``OPEN_TIMEOUT``, and one over the
-    limits is dropped before any handshake is spent on it."""
+    (``_TlsHandshakes.upgrade``) rather than by the server socket: a client that never
+    finishes its TLS handshake holds a counted descriptor for at most ``OPEN_TIMEOUT``, and
+    one over the limits is dropped before any handshake is spent on it."""
 
     def __init__(self, *args: Any, counts: ConnectionLimits, on_refused: Callable[[str, str], None],
                  handshakes: _TlsHandshakes | None = None, **kwargs: Any):
@@ -187,12 +208,15 @@ class _Connection(ServerConnection):
         self.counted = False
         self.client = False  # holds a screen's slot (taken in process_request)
         self.health_only = False  # taken beyond the budget: /healthz, /metrics and nothing else
-        # While TLS is being set up: what arrives in the same read as the handshake's end.
-        self._early: list[bytes] | None = None
-        self._early_eof = False
+        self._upgrading = False  # the next connection_made brings the TLS transport
         self._made = False  # websockets' side has its transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._upgrading:  # the TLS handshake is done: the page's HTTP starts now
+            self._upgrading = False
+            self._made = True
+            super().connection_made(transport)
+            return
         self.address = limits.address_key(transport.get_extra_info("peername"))
         sock = transport.get_extra_info("socket")
         self.counted = True
@@ -200,8 +224,8 @@ class _Connection(ServerConnection):
         if reason is None or reason == limits.HEALTH_ONLY:
             self.health_only = reason is not None
             if self.handshakes is not None:
-                self._early = []
-                self.handshakes.start(self._start_tls(transport))
+                self._upgrading = True
+                self.handshakes.upgrade(self, transport)
                 return
             self._made = True
             super().connection_made(transport)
@@ -218,43 +242,10 @@ class _Connection(ServerConnection):
             stream.close()
         self.on_refused(reason, self.address)
 
-    async def _start_tls(self, transport: asyncio.BaseTransport) -> None:
-        assert self.handshakes is not None
-        try:
-            secure = await asyncio.get_running_loop().start_tls(
-                transport, self, self.handshakes.context, server_side=True, ssl_handshake_timeout=OPEN_TIMEOUT,
-            )
-        except (OSError, TimeoutError) as exc:  # start_tls has closed the transport
-            self._uncount()
-            self.handshakes.failed(self.address, exc)
-            return
-        except BaseException:  # cancelled: the service stops
-            self._uncount()
-            raise
-        if secure is None or self._early is None:  # lost at the very end of the handshake
-            self._uncount()
-            if secure is not None:
-                secure.abort()
-            return
-        early, self._early = self._early, None
-        self._made = True
-        super().connection_made(secure)
-        for data in early:
-            super().data_received(data)
-        if self._early_eof:
-            super().eof_received()
-
-    def data_received(self, data: bytes) -> None:
-        if self._early is not None:
-            self._early.append(data)
-            return
-        super().data_received(data)
-
-    def eof_received(self) -> bool | None:
-        if self._early is not None:
-            self._early_eof = True
-            return None
-        return super().eof_received()
+    def tls_failed(self) -> None:
+        """The handshake failed or the client left during it: no connection_lost follows."""
+        self._upgrading = False
+        self._uncount()
 
     def _uncount(self) -> None:
         if self.counted:
@@ -263,7 +254,6 @@ class _Connection(ServerConnection):
             self.client = False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._early = None  # a TLS handshake under way: it ends here
         self._uncount()
         if self._made:
             super().connection_lost(exc)
@@ -382,8 +372,8 @@ class DisplayService:
                 try:
                     async with asyncio.timeout(CLOSE_TIMEOUT + 3):
                         await server.wait_closed()
-                        if self._tls is not None and self._tls.tasks:
-                            await asyncio.wait(set(self._tls.tasks))
+                        if self._tls is not None and self._tls.pending:
+                            await asyncio.wait(set(self._tls.pending))
                 except TimeoutError:
                     log.warning("display: some pages did not close in time")
 
@@ -603,7 +593,7 @@ class DisplayService:
         if self.limits is not None:
             extra.update(self.limits.stats())
         if self._tls is not None:
-            extra["tls"] = {"handshakes": len(self._tls.tasks), "failed_handshakes": self._tls.failures}
+            extra["tls"] = {"handshakes": len(self._tls.pending), "failed_handshakes": self._tls.failures}
         extra["refused_hosts"] = self.refused_hosts
         if self.signs is not None:
             extra["signs"] = self.signs.stats()
