@@ -1,5 +1,5 @@
 """The fast path's own PUBLISH packets (mqtt.retained_publish_packet) are paho's, byte for byte,
-and what a full socket does not take still reaches the broker, whole and in order."""
+and what a full socket does not take, or a batch queues, still reaches the broker whole and in order."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import eventually
 
-from waiting_room.mqtt import _Client, retained_publish_packet
+from waiting_room.mqtt import _Client, publish_retained_batch, retained_publish_packet
 
 
 def paho_packet(topic: str, payload: bytes, protocol: int) -> bytes:
@@ -77,3 +77,13 @@ async def test_what_a_full_socket_does_not_take_follows_in_order():
         client._client._sock = None
         ours.close()
         theirs.close()
+
+
+async def test_a_batch_reaches_the_broker_whole_and_in_order(broker, watcher):
+    messages = [(f"wire/batch/{i % 40}", str(i)) for i in range(400)]
+    async with _Client("127.0.0.1", broker.port, identifier="wire-batch") as client:
+        await publish_retained_batch(client, messages)
+        assert not client._client._out_packet  # awaited the last: everything before it is written
+        await watcher.wait_topic("wire/batch/39", "399")
+    sent = [(t, p) for t, p in watcher.history if t.startswith("wire/batch/")]
+    assert sent == messages
