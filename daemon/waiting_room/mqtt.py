@@ -15,7 +15,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Final, Iterable
 
@@ -203,27 +203,40 @@ class _Client(aiomqtt.Client):
         paho = self._client
         return paho.is_connected() and not paho._out_packet and not paho._registered_write
 
-    def write_now(self, messages: list[tuple[str, str | bytes]]) -> None:
-        """Retained QoS 0 messages written to the broker's socket in this loop pass, in one
-        send, not on the loop's next turns (aiomqtt defers the writer: a ``call_soon`` to
-        register it, then a select to call it) and not through paho's per-message objects.
-        What the socket does not take now is queued in paho, whose writer sends it next. Call
-        only when ``can_write_now()``."""
+    def write_now(self, messages: Iterable[tuple[str, str | bytes]]) -> int:
+        """Retained QoS 0 messages written to the broker's socket in this loop pass, not on
+        the loop's next turns (aiomqtt defers the writer: a ``call_soon`` to register it, then
+        a select to call it) and not through paho's per-message objects. Each is sent as soon
+        as it is built (the seed stack's bridge does the same): the first is on its way while
+        the next is formatted. What the socket does not take is queued in paho, whose writer
+        sends it next. Returns how many were written or queued. Call only when
+        ``can_write_now()``."""
         paho = self._client
         mqtt5 = paho._protocol == MQTTv5
-        data = b"".join(retained_publish_packet(topic, payload, mqtt5=mqtt5) for topic, payload in messages)
-        try:
-            sent = paho._sock.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            sent = 0
-        except OSError as exc:  # a broken connection: as aiomqtt's writer does
-            if not self._disconnected.done():
-                self._disconnected.set_exception(exc)
-            return
+        sock = paho._sock
+        count = 0
+        rest: list[bytes] = []
+        for topic, payload in messages:
+            count += 1
+            packet = retained_publish_packet(topic, payload, mqtt5=mqtt5)
+            if rest:
+                rest.append(packet)
+                continue
+            try:
+                sent = sock.send(packet)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0
+            except OSError as exc:  # a broken connection: as aiomqtt's writer does
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+                return count
+            if sent < len(packet):
+                rest.append(packet[sent:])
         paho._last_msg_out = time.monotonic()  # paho's keepalive clock (its time_func)
-        if sent < len(data):
+        if rest:
             # Command 0: paho's writer sends it without looking for a publish to complete.
-            paho._packet_queue(0, data[sent:], 0, 0)
+            paho._packet_queue(0, b"".join(rest), 0, 0)
+        return count
 
     def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
         def write() -> None:
@@ -485,13 +498,11 @@ class MqttPublisher:
             state = rooms.get(room)
             if state is None or room not in known:
                 return False
-            messages = self._state_messages(room, state, published)
             try:
-                client.write_now(messages)
+                self.publishes += client.write_now(self._state_messages(room, state, published))
             except Exception:  # noqa: BLE001 - the reader's frame must never fail here
                 log.debug("fast publish of %s failed; left to the batch", room, exc_info=True)
                 return False
-            self.publishes += len(messages)
             in_pass[0] = True
             loop.call_soon(end_pass)
             return True
@@ -521,14 +532,14 @@ class MqttPublisher:
                 self.publishes += len(states)
 
     def _state_messages(self, room: str, state: RoomState,
-                        published: dict[str, int | None]) -> list[tuple[str, str | bytes]]:
-        """A room's retained topics for a new state (``patients`` only when it changed)."""
-        messages: list[tuple[str, str | bytes]] = []
+                        published: dict[str, int | None]) -> Iterator[tuple[str, str | bytes]]:
+        """A room's retained topics for a new state (``patients`` only when it changed), each
+        built when asked for: ``write_now`` sends ``patients`` before ``state`` is formatted.
+        ``published`` counts ``patients`` once the consumer has taken it."""
         if state.patients is not None and published.get(room) != state.patients:
-            messages.append((f"{self.base}/{room}/patients", str(state.patients)))
+            yield f"{self.base}/{room}/patients", str(state.patients)
             published[room] = state.patients
-        messages.append((f"{self.base}/{room}/state", state_payload(state)))
-        return messages
+        yield f"{self.base}/{room}/state", state_payload(state)
 
     async def _forget(self, client: aiomqtt.Client, room: str) -> None:
         """A room taken out of the config: its discovery entries (every entity of its device)

@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-import httpx
-
 from .snapshot import MAX_SNAPSHOT_BYTES
 
 __all__ = ["Body", "Failed", "NotModified", "Outcome", "Refused", "SnapshotClient"]
@@ -72,6 +70,11 @@ class SnapshotClient:
     between polls, and is closed when the socket is back."""
 
     def __init__(self, *, proxy: str | None, timeout: float, verify: ssl.SSLContext) -> None:
+        # Imported at the first outage of a daemon with upstream.fallback (Upstream builds the
+        # client in a thread): httpx is 1.6 MB of memory a daemon without the fallback never needs.
+        import httpx
+
+        self._http_error = httpx.HTTPError
         self._client = httpx.AsyncClient(
             # proxy=None with trust_env: the environment's proxies and no_proxy apply.
             proxy=proxy,
@@ -119,7 +122,7 @@ class SnapshotClient:
                     if len(data) > MAX_SNAPSHOT_BYTES:
                         return Body(b"", etag, bad="oversized snapshot")  # read no further
                 return Body(bytes(data), etag)
-        except httpx.HTTPError as exc:
+        except self._http_error as exc:
             return Failed(_describe(exc))
         except (OSError, ssl.SSLError, ValueError) as exc:  # what httpx may leave unwrapped
             return Failed(_describe(exc))

@@ -16,6 +16,7 @@ import time
 import urllib.parse
 from collections import Counter
 from datetime import datetime, timezone
+from functools import partial
 from typing import Callable, Final, Iterable
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -770,8 +771,9 @@ class Upstream:
                         self._poll_failed(str(exc), float(fallback.interval))
                         self._next_poll_at = loop.time() + float(fallback.interval)
                         continue
-                    client = SnapshotClient(proxy=self.cfg.proxy, timeout=float(self.cfg.connect_timeout),
-                                            verify=verify)
+                    # In a thread: the first one imports httpx (SnapshotClient says why then).
+                    client = await asyncio.to_thread(partial(
+                        SnapshotClient, proxy=self.cfg.proxy, timeout=float(self.cfg.connect_timeout), verify=verify))
                 try:
                     delay = await self._poll(client, fallback)
                 except asyncio.CancelledError:
