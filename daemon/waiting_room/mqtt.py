@@ -207,8 +207,8 @@ class _Client(aiomqtt.Client):
         """Retained QoS 0 messages written to the broker's socket in this loop pass, not on
         the loop's next turns (aiomqtt defers the writer: a ``call_soon`` to register it, then
         a select to call it) and not through paho's per-message objects. Each is sent as soon
-        as it is built (the seed stack's bridge does the same): the first is on its way while
-        the next is formatted. What the socket does not take is queued in paho, whose writer
+        as it is built: ``patients``, the number people read, is on its way while ``state`` is
+        formatted (one send for both measured slower at p50, for one syscall less). What the socket does not take is queued in paho, whose writer
         sends it next. Returns how many were written or queued. Call only when
         ``can_write_now()``."""
         paho = self._client
