@@ -111,6 +111,13 @@ async def test_tls_connections_are_counted_from_the_accept(pki):
         for _, writer in idle:
             writer.transport.abort()
         await eventually(lambda: counted(0), 5, "the aborted connections no longer counted")
+        stranded = [await asyncio.open_connection("127.0.0.1", svc.port) for _ in range(3)]
+        await eventually(lambda: counted(3), 5, "3 more idle connections counted")
+    # The service stopped with those handshakes under way: aborted, and uncounted too.
+    assert svc.limits.open == 0 and not svc._tls.pending
+    for reader, writer in stranded:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
 
 
 def _status(*args: str) -> subprocess.CompletedProcess[str]:

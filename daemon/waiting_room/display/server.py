@@ -157,7 +157,7 @@ class _TlsHandshakes:
 
     def upgrade(self, connection: _Connection, transport: asyncio.BaseTransport) -> None:
         """TLS from the first byte: ``connection.connection_made`` is called again, with the
-        secure transport, once the handshake is done; ``connection.tls_failed`` if it fails."""
+        secure transport, once the handshake is done; ``connection.handshake_ended`` either way."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         secure = sslproto.SSLProtocol(loop, connection, self.context, done, server_side=True,
@@ -169,9 +169,9 @@ class _TlsHandshakes:
 
     def _ended(self, connection: _Connection, done: asyncio.Future[None]) -> None:
         self.pending.pop(done, None)
+        connection.handshake_ended()
         exc = None if done.cancelled() else done.exception()
-        if exc is not None:  # the connection is closed (SSLProtocol has closed it)
-            connection.tls_failed()
+        if exc is not None:
             self.failed(connection.address, exc)
 
     def failed(self, address: str, exc: BaseException) -> None:
@@ -242,10 +242,12 @@ class _Connection(ServerConnection):
             stream.close()
         self.on_refused(reason, self.address)
 
-    def tls_failed(self) -> None:
-        """The handshake failed or the client left during it: no connection_lost follows."""
-        self._upgrading = False
-        self._uncount()
+    def handshake_ended(self) -> None:
+        """A handshake that ended without a secure connection (it failed, the client left, the
+        service aborted it) brings no connection_lost: the connection is uncounted here."""
+        if self._upgrading:
+            self._upgrading = False
+            self._uncount()
 
     def _uncount(self) -> None:
         if self.counted:
