@@ -135,6 +135,12 @@ async def publish(
                    f"publish to {topic}")
 
 
+def _queue_packets(paho: Any, data: bytes) -> None:
+    """Packets we built, queued behind whatever paho holds; its writer sends them in turn.
+    Command 0: paho finds no publish of its own to complete when they are written."""
+    paho._packet_queue(0, data, 0, 0)
+
+
 async def publish_retained_batch(client: aiomqtt.Client, messages: list[tuple[str, str | bytes]]) -> None:
     """Retained QoS 0 messages handed to paho at once; only the last one is awaited.
 
@@ -153,8 +159,7 @@ async def publish_retained_batch(client: aiomqtt.Client, messages: list[tuple[st
         if not paho.is_connected():
             raise aiomqtt.MqttCodeError(MQTT_ERR_NO_CONN, "Could not publish message")
         mqtt5 = paho._protocol == MQTTv5
-        # Command 0: written in turn, with no publish for paho to complete.
-        paho._packet_queue(0, b"".join(retained_publish_packet(t, p, mqtt5=mqtt5) for t, p in messages[:-1]), 0, 0)
+        _queue_packets(paho, b"".join(retained_publish_packet(t, p, mqtt5=mqtt5) for t, p in messages[:-1]))
     topic, payload = messages[-1]
     await publish(client, topic, payload)
 
@@ -234,8 +239,7 @@ class _Client(aiomqtt.Client):
                 rest.append(packet[sent:])
         paho._last_msg_out = time.monotonic()  # paho's keepalive clock (its time_func)
         if rest:
-            # Command 0: paho's writer sends it without looking for a publish to complete.
-            paho._packet_queue(0, b"".join(rest), 0, 0)
+            _queue_packets(paho, b"".join(rest))
         return count
 
     def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
